@@ -1,0 +1,225 @@
+"""Composition root: builds every part, wires collaborators, signals, sd_notify, drain, reload.
+
+Nothing else constructs stages or knows how they connect; each stage gets what it needs
+passed in (DESIGN.md, principle 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import time
+from typing import Any
+
+from . import metrics
+from .config import Config, ConfigError, load_config
+from .control.service import ControlService
+from .delivery.dns import MxResolver
+from .delivery.smtp import SmtpDispatcher, TemplateCache
+from .httpd import HttpEndpoint
+from .jsonlines import JsonLineServer
+from .logs import get as get_logger
+from .logs import setup as setup_logs
+from .policy.accounts import AccountBook
+from .queue.ready import ReadyQueues
+from .queue.scheduler import Scheduler
+from .queue.spool import Spool
+from .results import Results
+from .sdnotify import Notifier
+from .submit.service import SubmitService
+from .throttle.limits import Throttles
+from .throttle.shaping import RuleBook
+from .tokens import TokenSigner, load_key
+
+log = get_logger("mta.app")
+DRAIN_DEADLINE = 25.0
+
+
+class App:
+    def __init__(self, config: Config):
+        self.config = config
+        self.started = time.time()
+        self.notifier = Notifier()
+        self.stopping = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
+
+    # -- start ------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        try:
+            key = load_key(cfg.token_key_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"security.token_key_file: {exc}") from None
+        self.signer = TokenSigner(key)
+        self.spool = Spool(cfg.state_dir)
+        self.spool.open(asyncio.get_running_loop())
+        self.accounts = AccountBook(self.spool)
+        self.accounts.load()
+        self.results = Results(self.spool, cfg, self.signer.address_hash)
+        self.scheduler = Scheduler(self.spool, self.results.record, self.accounts.is_held)
+        self.resolver = MxResolver(cfg.nameservers, cfg.dns_static)
+        self.templates = TemplateCache(self.spool.template, self.signer, cfg)
+        self.dispatcher = SmtpDispatcher(cfg, self.templates)
+        self.throttles = Throttles()
+        self.ready = ReadyQueues(self.resolver, RuleBook(cfg.shaping), self.throttles, self.dispatcher,
+                                 self.scheduler, on_connections=self._connections)
+        self.scheduler.router = self.ready
+        self.accounts.on_release.append(self.scheduler.release)
+        recovered = self.scheduler.recover()
+
+        self.submit_service = SubmitService(cfg, self.spool, self.accounts, self.scheduler, self.signer.address_hash)
+        self.submit_server = JsonLineServer(cfg.submit_socket, self.submit_service.handle,
+                                            max_line=cfg.max_line_bytes, mode=0o660, group=cfg.submit_group,
+                                            allowed_uids=cfg.allowed_uids)
+        self.control_server = JsonLineServer(cfg.control_socket, ControlService(self).handle,
+                                             max_line=1 << 20, mode=0o600)
+        self.http = HttpEndpoint(*cfg.metrics_listen, {"/metrics": self._metrics, "/healthz": self._healthz})
+        await self.control_server.start()
+        await self.http.start()
+        await self.submit_server.start()  # last: a ping that answers means everything is up
+        metrics.UP.set(1)
+        for feature in cfg.not_yet_in_effect:
+            log.warning("config_not_yet_in_effect", key=feature)
+        log.info("started", recovered=recovered, submit_socket=cfg.submit_socket,
+                 control_socket=cfg.control_socket, metrics=f"{cfg.metrics_listen[0]}:{cfg.metrics_listen[1]}",
+                 pid=os.getpid())
+        self.notifier.notify("READY=1", f"STATUS=serving; {recovered} recipients recovered", f"MAINPID={os.getpid()}")
+        loop = asyncio.get_running_loop()
+        if self.notifier.watchdog_interval:
+            self._background.append(loop.create_task(self._watchdog()))
+        self._background.append(loop.create_task(self._housekeeping()))
+
+    # -- running ----------------------------------------------------------------------
+    def _connections(self, sending_domain: str, provider: str, n: int) -> None:
+        metrics.CONNECTIONS.labels(sending_domain, provider).set(n)
+
+    async def _watchdog(self) -> None:
+        # Pinged from the event loop itself: a wedged loop stops the pings and systemd restarts us.
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(self.notifier.watchdog_interval)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            depth = self.scheduler.depth()
+            for state, n in depth.items():
+                metrics.QUEUE_DEPTH.labels(state).set(n)
+            metrics.PAUSED_ACCOUNTS.set(self.accounts.paused_count())
+            metrics.SPOOL_BYTES.set(self.spool.size_bytes())
+            for limits in self.throttles.all():
+                metrics.THROTTLE_WAITS.labels(limits.sending_domain, limits.rule.provider).inc(limits.waits)
+                limits.waits = 0
+            self.notifier.notify(f"STATUS=queue ready={depth['ready']} deferred={depth['deferred']} "
+                                 f"held={depth['held']}; delivered={self.results.counts['delivered']}")
+
+    def _metrics(self) -> tuple[int, str, bytes]:
+        for state, n in self.scheduler.depth().items():
+            metrics.QUEUE_DEPTH.labels(state).set(n)
+        metrics.PAUSED_ACCOUNTS.set(self.accounts.paused_count())
+        metrics.DNS_LOOKUPS.labels("hit")._value.set(self.resolver.hits)
+        metrics.DNS_LOOKUPS.labels("miss")._value.set(self.resolver.misses)
+        return 200, "text/plain; version=0.0.4; charset=utf-8", metrics.render()
+
+    def _healthz(self) -> tuple[int, str, bytes]:
+        if self.spool.last_error:
+            return 503, "text/plain", f"spool: {self.spool.last_error}\n".encode()
+        return 200, "text/plain", b"ok\n"
+
+    def status(self) -> dict[str, Any]:
+        depth = self.scheduler.depth()
+        try:
+            disk = shutil.disk_usage(self.config.state_dir)
+            disk_free = disk.free
+        except OSError:
+            disk_free = -1
+        paused = [{"id": a.id, "reason": a.pause_reason} for a in self.accounts.accounts.values()
+                  if a.status == "paused"]
+        return {
+            "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
+            "queue": depth, "totals": dict(self.results.counts),
+            "spool": {"bytes": self.spool.size_bytes(), "disk_free_bytes": disk_free,
+                      "commits": self.spool.commits, "error": self.spool.last_error or None},
+            "connections": self.ready.stats(), "paused_accounts": paused,
+            "accounts": len(self.accounts.accounts),
+            "not_yet_in_effect": list(self.config.not_yet_in_effect),
+        }
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the config file; a bad one is refused and the old one stays (SPEC §3)."""
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as exc:
+            log.error("config_reload_refused", error=str(exc), path=self.config.path)
+            return {"reloaded": False, "error": str(exc)}
+        fixed = ("state_dir", "submit_socket", "control_socket", "metrics_listen")
+        kept = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
+        self.config = new
+        self.results.config = new
+        self.submit_service.config = new
+        self.dispatcher.reconfigure(new)
+        self.ready.rules = RuleBook(new.shaping)
+        self.resolver.static = new.dns_static
+        log.info("config_reloaded", path=new.path, restart_needed_for=kept or None)
+        return {"reloaded": True, "restart_needed_for": kept}
+
+    # -- stop ---------------------------------------------------------------------------
+    async def stop(self) -> None:
+        """Stop taking work, let in-flight SMTP transactions finish (bounded), flush the spool."""
+        self.notifier.notify("STOPPING=1")
+        log.info("stopping")
+        self.submit_server.accepting = False
+        self.scheduler.draining = True
+        await self.submit_server.close()
+        deadline = time.monotonic() + DRAIN_DEADLINE
+        while any(rq.workers for rq in self.ready.queues.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for task in self._background:
+            task.cancel()
+        self.scheduler.stop()
+        await self.control_server.close()
+        await self.http.close()
+        self.results.flush()
+        self.spool.close()
+        metrics.UP.set(0)
+        log.info("stopped")
+
+
+async def serve(config: Config) -> int:
+    app = App(config)
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    await app.start()
+    loop.add_signal_handler(signal.SIGTERM, done.set)
+    loop.add_signal_handler(signal.SIGINT, done.set)
+    loop.add_signal_handler(signal.SIGHUP, app.reload)
+    await done.wait()
+    with contextlib.suppress(NotImplementedError):
+        loop.remove_signal_handler(signal.SIGHUP)
+    await app.stop()
+    return 0
+
+
+def run(config_path: str) -> int:
+    """`mta run --config PATH`: the daemon in the foreground on uvloop."""
+    import uvloop
+
+    setup_logs()
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        log.error("config_invalid", error=str(exc))
+        print(f"mta: invalid config: {exc}", flush=True)
+        return 2
+    try:
+        return uvloop.run(serve(config))
+    except ConfigError as exc:
+        log.error("config_invalid", error=str(exc))
+        print(f"mta: invalid config: {exc}", flush=True)
+        return 2
+    except RuntimeError as exc:
+        log.error("start_failed", error=str(exc))
+        return 1

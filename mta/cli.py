@@ -1,0 +1,267 @@
+"""`mta` commands (SPEC §2). Thin: each admin command is one request on a socket.
+
+With --json a command prints exactly one JSON value (the result, exit 0; or
+{"ok": false, "error": {...}}, exit 1). --config, --json and --socket may stand anywhere
+after the command words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import time
+from typing import Any
+
+DEFAULT_CONTROL = "/run/mta/control.sock"
+
+
+class CliError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# -- talking to the daemon ------------------------------------------------------------
+def request(path: str, payload: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise CliError("unavailable", f"cannot connect to {path}: {exc.strerror or exc} (is `mta run` up?)") from None
+    try:
+        sock.sendall(json.dumps(payload, separators=(",", ":")).encode() + b"\n")
+        with sock.makefile("rb") as f:
+            line = f.readline()
+    except OSError as exc:
+        raise CliError("unavailable", f"{path}: {exc}") from None
+    finally:
+        sock.close()
+    if not line:
+        raise CliError("unavailable", f"{path} closed the connection without an answer")
+    answer: dict[str, Any] = json.loads(line)
+    return answer
+
+
+def _config_value(args: argparse.Namespace, key: str) -> str | None:
+    if not args.config:
+        return None
+    from .config import ConfigError, load_config
+
+    try:
+        return str(getattr(load_config(args.config), key))
+    except ConfigError as exc:
+        raise CliError("invalid_config", str(exc)) from None
+
+
+def control_socket(args: argparse.Namespace) -> str:
+    return args.socket or _config_value(args, "control_socket") or DEFAULT_CONTROL
+
+
+def control(args: argparse.Namespace, op: str, **fields: Any) -> Any:
+    answer = request(control_socket(args), {"op": op, **fields})
+    if answer.get("ok") is not True:
+        err = answer.get("error") or {}
+        raise CliError(str(err.get("code", "error")), str(err.get("message", answer)))
+    return answer.get("result")
+
+
+# -- output ---------------------------------------------------------------------------
+def emit(args: argparse.Namespace, result: Any, human: Any = None) -> None:
+    if args.json:
+        print(json.dumps(result, separators=(",", ":"), default=str))
+    elif human is not None:
+        human(result)
+    else:
+        from rich.console import Console
+
+        Console().print_json(data=result)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str], title: str = "") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title or None)
+    for c in columns:
+        table.add_column(c, justify="right" if rows and isinstance(rows[0].get(c), (int, float)) else "left")
+    for r in rows:
+        table.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in columns))
+    Console().print(table)
+
+
+# -- commands -------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from .app import run
+
+    if not args.config:
+        raise CliError("invalid_argument", "mta run needs --config PATH")
+    return run(args.config)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(keep=args.keep, json_out=args.json)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    data = sys.stdin.buffer.read() if args.file == "-" else open(args.file, "rb").read()
+    try:
+        job = json.loads(data)
+    except ValueError as exc:
+        raise CliError("malformed_request", f"{args.file}: not JSON: {exc}") from None
+    if not isinstance(job, dict):
+        raise CliError("malformed_request", f"{args.file}: a job is a JSON object")
+    job.setdefault("op", "submit")
+    path = args.socket or _config_value(args, "submit_socket") or "/run/mta/submit.sock"
+    answer = request(path, job, timeout=600)
+    print(json.dumps(answer, separators=(",", ":")) if args.json else json.dumps(answer, indent=2))
+    return 0 if answer.get("ok") else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    def human(s: dict[str, Any]) -> None:
+        from rich.console import Console
+
+        c = Console()
+        q, t = s["queue"], s["totals"]
+        c.print(f"[bold]mta[/bold] pid {s['pid']} up {s['uptime_s']:.0f}s  accounts {s['accounts']}")
+        c.print(f"queue: ready {q['ready']}  deferred {q['deferred']}  held {q['held']}")
+        c.print("since start: " + "  ".join(f"{k} {v}" for k, v in t.items()))
+        sp = s["spool"]
+        c.print(f"spool: {sp['bytes'] / 1e6:.1f} MB, disk free {sp['disk_free_bytes'] / 1e9:.1f} GB"
+                + (f", [red]error {sp['error']}[/red]" if sp["error"] else ""))
+        if s["connections"]:
+            _table(s["connections"], ["sending_domain", "provider", "queued", "connections"], "ready queues")
+        if s["paused_accounts"]:
+            _table(s["paused_accounts"], ["id", "reason"], "paused accounts")
+
+    emit(args, control(args, "status"), human)
+    return 0
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    by = args.by.replace("-", "_")
+    emit(args, control(args, "queue", by=args.by),
+         lambda rows: _table(rows, [by, "ready", "deferred", "held", "total"], f"queue by {args.by}"))
+    return 0
+
+
+ACCOUNT_COLUMNS = ["id", "plan", "status", "pause_reason", "subscribers", "sent_this_month", "monthly_cap",
+                   "hard_bounce_threshold"]
+
+
+def cmd_accounts(args: argparse.Namespace) -> int:
+    action = args.action
+    if action == "list":
+        emit(args, control(args, "accounts.list"), lambda rows: _table(rows, ACCOUNT_COLUMNS, "accounts"))
+        return 0
+    if action == "set":
+        fields = {"id": args.id, "plan": args.plan, "subscribers": args.subscribers, "notify": args.notify,
+                  "status": args.status, "hard_bounce_threshold": args.hard_bounce_threshold,
+                  "credits": args.credits, "created": args.created, "no_footer": True if args.no_footer else None}
+        emit(args, control(args, "accounts.set", **fields))
+        return 0
+    result = control(args, f"accounts.{action}", id=args.id, **({"reason": args.reason} if action == "pause" else {}))
+    emit(args, result)
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    after = args.after
+    while True:
+        page = control(args, "events", after=after, limit=args.limit)
+        events = page.get("events", [])
+        if args.json and not args.follow:
+            print(json.dumps(events, separators=(",", ":")))
+            return 0
+        for event in events:
+            print(json.dumps(event, separators=(",", ":")), flush=True)
+        after = page.get("next", after)
+        if not args.follow:
+            return 0
+        if not events:
+            time.sleep(1.0)
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    result = control(args, "reload")
+    emit(args, result)
+    return 0 if result.get("reloaded") else 1
+
+
+# -- parser -----------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="the daemon's config file (its sockets are used)")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON value")
+    p.add_argument("--socket", help="socket path (default: from --config, else /run/mta/control.sock)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mta", description="bulk mail delivery daemon")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        _common(p)
+        p.set_defaults(func=func)
+        return p
+
+    command("run", cmd_run, "run the daemon in the foreground")
+    demo = command("demo", cmd_demo, "self-contained tour on this machine (no network)")
+    demo.add_argument("--keep", action="store_true", help="keep the demo's temp directory")
+    p = command("submit", cmd_submit, "submit a job (JSON file, - for stdin)")
+    p.add_argument("file")
+    command("status", cmd_status, "daemon health, queues, throughput, paused accounts")
+    p = command("queue", cmd_queue, "queue summary")
+    p.add_argument("--by", choices=["domain", "account", "campaign", "sending-domain"], default="domain")
+    p = command("events", cmd_events, "read the event feed")
+    p.add_argument("--after", type=int, default=0)
+    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--follow", action="store_true")
+    command("reload", cmd_reload, "re-read the config (same as SIGHUP)")
+
+    accounts = sub.add_parser("accounts", help="account admin")
+    asub = accounts.add_subparsers(dest="action", required=True)
+    for action in ("list", "show", "approve", "pause", "resume", "set"):
+        ap = asub.add_parser(action)
+        _common(ap)
+        ap.set_defaults(func=cmd_accounts)
+        if action != "list":
+            ap.add_argument("id")
+        if action == "pause":
+            ap.add_argument("--reason", default="paused by an admin")
+        if action == "set":
+            ap.add_argument("--plan", choices=["trial", "free", "monthly", "payg"])
+            ap.add_argument("--subscribers", type=int)
+            ap.add_argument("--notify")
+            ap.add_argument("--status", choices=["active", "review"])
+            ap.add_argument("--hard-bounce-threshold", type=float)
+            ap.add_argument("--credits", type=int)
+            ap.add_argument("--created")
+            ap.add_argument("--no-footer", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CliError as exc:
+        if getattr(args, "json", False):
+            print(json.dumps({"ok": False, "error": {"code": exc.code, "message": exc.message}}))
+        else:
+            print(f"mta: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

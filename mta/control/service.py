@@ -1,0 +1,113 @@
+"""The control socket's operations (admins; SPEC §2). The CLI is a thin client of these.
+
+Answers are `{"ok": true, "result": ...}` or `{"ok": false, "error": {"code", "message"}}`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from ..events import read as read_events
+from ..jsonlines import Peer, error
+from ..policy.accounts import AccountError
+
+if TYPE_CHECKING:
+    from ..app import App
+
+Op = Callable[[dict[str, Any]], Awaitable[Any]]
+ACCOUNT_FIELDS = ("plan", "subscribers", "notify", "status", "hard_bounce_threshold", "credits", "created",
+                  "no_footer")
+
+
+class ControlService:
+    def __init__(self, app: App):
+        self.app = app
+        self.ops: dict[str, Op] = {
+            "ping": self.ping,
+            "status": self.status,
+            "queue": self.queue,
+            "events": self.events,
+            "reload": self.reload,
+            "accounts.set": self.accounts_set,
+            "accounts.show": self.accounts_show,
+            "accounts.list": self.accounts_list,
+            "accounts.approve": self.accounts_approve,
+            "accounts.pause": self.accounts_pause,
+            "accounts.resume": self.accounts_resume,
+        }
+
+    async def handle(self, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        op = self.ops.get(request["op"])
+        if op is None:
+            return error("unknown_op", f"unknown control op {request['op']!r}")
+        try:
+            return {"ok": True, "result": await op(request)}
+        except AccountError as exc:
+            return error(exc.code, str(exc))
+        except (KeyError, TypeError, ValueError) as exc:
+            return error("invalid_argument", f"{type(exc).__name__}: {exc}")
+
+    # -- ops --------------------------------------------------------------------------
+    async def ping(self, request: dict[str, Any]) -> Any:
+        return {"pong": True}
+
+    async def status(self, request: dict[str, Any]) -> Any:
+        return self.app.status()
+
+    async def queue(self, request: dict[str, Any]) -> Any:
+        by = request.get("by") or "domain"
+        index = {"account": 0, "campaign": 1, "sending-domain": 2, "sending_domain": 2, "domain": 3}.get(by)
+        if index is None:
+            raise ValueError("--by must be domain, account, campaign or sending-domain")
+        scheduler = self.app.scheduler
+        ready: Counter[str] = Counter()
+        held: Counter[str] = Counter()
+        for key, sq in scheduler.queues.items():
+            target = held if scheduler.is_held(sq.account) else ready
+            if len(sq):
+                target[key[index]] += len(sq)
+        deferred: Counter[str] = Counter(key[index] for _, _, key in scheduler._timers)
+        names = sorted(set(ready) | set(held) | set(deferred))
+        return [{by.replace("-", "_"): n, "ready": ready[n], "deferred": deferred[n], "held": held[n],
+                 "total": ready[n] + deferred[n] + held[n]} for n in names]
+
+    async def events(self, request: dict[str, Any]) -> Any:
+        after = int(request.get("after") or 0)
+        limit = int(request.get("limit") or 1000)
+        return read_events(self.app.spool, after, limit)
+
+    async def reload(self, request: dict[str, Any]) -> Any:
+        return self.app.reload()
+
+    async def accounts_set(self, request: dict[str, Any]) -> Any:
+        fields = {k: request.get(k) for k in ACCOUNT_FIELDS}
+        account = await self.app.accounts.set(str(request["id"]), fields)
+        return account.view(time.time())
+
+    def _account(self, request: dict[str, Any]) -> str:
+        account_id = str(request.get("id") or "")
+        if self.app.accounts.get(account_id) is None:
+            raise AccountError("unknown_account", f"no account {account_id!r}")
+        return account_id
+
+    async def accounts_show(self, request: dict[str, Any]) -> Any:
+        account = self.app.accounts.get(self._account(request))
+        assert account is not None
+        return account.view(time.time())
+
+    async def accounts_list(self, request: dict[str, Any]) -> Any:
+        now = time.time()
+        return [a.view(now) for a in sorted(self.app.accounts.accounts.values(), key=lambda a: a.id)]
+
+    async def accounts_approve(self, request: dict[str, Any]) -> Any:
+        return (await self.app.accounts.set_status(self._account(request), "active")).view(time.time())
+
+    async def accounts_resume(self, request: dict[str, Any]) -> Any:
+        return (await self.app.accounts.set_status(self._account(request), "active")).view(time.time())
+
+    async def accounts_pause(self, request: dict[str, Any]) -> Any:
+        reason = str(request.get("reason") or "paused by an admin")
+        return (await self.app.accounts.set_status(self._account(request), "paused", reason)).view(time.time())

@@ -1,0 +1,40 @@
+"""The Prometheus registry (SPEC §9). A leaf: it imports no stage.
+
+Labels are bounded: sending domain, provider, result, kind, reason, state. Never an
+address, an account or a campaign id.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)
+
+SUBMITTED_JOBS = Counter("mta_submitted_jobs", "Jobs accepted on the submit socket", registry=REGISTRY)
+SUBMITTED_RECIPIENTS = Counter("mta_submitted_recipients", "Recipients accepted on the submit socket",
+                               registry=REGISTRY)
+REJECTED_RECIPIENTS = Counter("mta_rejected_recipients", "Recipients refused at submission", ["code"],
+                              registry=REGISTRY)
+SUBMIT_ERRORS = Counter("mta_submit_errors", "Submit requests refused as a whole", ["code"], registry=REGISTRY)
+DELIVERIES = Counter("mta_deliveries", "Delivery attempts by result", ["sending_domain", "provider", "result"],
+                     registry=REGISTRY)
+BOUNCES = Counter("mta_bounces", "Bounces by kind and reason", ["kind", "reason"], registry=REGISTRY)
+COMPLAINTS = Counter("mta_complaints", "Feedback-loop complaints", ["feedback_type"], registry=REGISTRY)
+UNSUBSCRIBES = Counter("mta_unsubscribes", "Unsubscribe requests received", registry=REGISTRY)
+QUEUE_DEPTH = Gauge("mta_queue_depth", "Queued recipients by state", ["state"], registry=REGISTRY)
+CONNECTIONS = Gauge("mta_active_connections", "Open SMTP client sessions", ["sending_domain", "provider"],
+                    registry=REGISTRY)
+LATENCY = Histogram("mta_delivery_latency_seconds", "Time of one SMTP transaction (MAIL to final reply)",
+                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=REGISTRY)
+PAUSED_ACCOUNTS = Gauge("mta_paused_accounts", "Accounts currently paused", registry=REGISTRY)
+THROTTLE_WAITS = Counter("mta_throttle_waits", "Times a sender waited for a rate limit",
+                         ["sending_domain", "provider"], registry=REGISTRY)
+SPOOL_BYTES = Gauge("mta_spool_bytes", "Size of the spool database files", registry=REGISTRY)
+EVENTS = Counter("mta_events", "Events appended to the feed", ["type"], registry=REGISTRY)
+DNS_LOOKUPS = Counter("mta_dns_cache", "MX resolutions by cache result", ["result"], registry=REGISTRY)
+UP = Gauge("mta_up", "1 while the daemon is serving", registry=REGISTRY)
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)

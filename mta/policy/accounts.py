@@ -1,0 +1,183 @@
+"""Customer accounts (SPEC §1, §2): plan, status, thresholds, and the holds they imply.
+
+Accounts live in memory (a few thousand at most) and are written through to the spool
+before a change is acknowledged. An account whose status is not `active` holds its
+queued mail: review (new accounts), paused (policy or admin), suspended.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from ..events import event_row
+from ..queue.spool import Spool, append_events, put_account
+
+PLANS = ("trial", "free", "monthly", "payg")
+STATUSES = ("active", "review", "paused", "suspended")
+NEW_ACCOUNT_DAYS = 30
+MONTHLY_FACTOR = 109  # SPEC §1: monthly cap = 109 x subscriber level
+TRIAL_LIMIT = 100
+
+
+class AccountError(ValueError):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Account(msgspec.Struct):
+    id: str
+    plan: str
+    subscribers: int
+    notify: str
+    status: str = "review"
+    pause_reason: str | None = None
+    hard_bounce_threshold: float | None = None  # None: the plan/age default
+    credits: int | None = None
+    created: str = ""  # YYYY-MM-DD, the sign-up date as the campaign system knows it
+    no_footer: bool = False
+    sent_this_month: int = 0
+    month: str = ""
+    sent_total: int = 0
+
+    def age_days(self, now: float) -> float:
+        try:
+            signup = datetime.strptime(self.created, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
+        except ValueError:
+            return 0.0
+        return (now - signup) / 86400.0
+
+    def threshold(self, now: float) -> float:
+        if self.hard_bounce_threshold is not None:
+            return self.hard_bounce_threshold
+        young = self.plan == "trial" or self.age_days(now) < NEW_ACCOUNT_DAYS
+        return 0.08 if young else 0.15
+
+    @property
+    def monthly_cap(self) -> int:
+        return MONTHLY_FACTOR * self.subscribers
+
+    def view(self, now: float) -> dict[str, Any]:
+        """What `mta accounts show --json` prints (SPEC §2)."""
+        return {
+            "id": self.id, "plan": self.plan, "status": self.status, "pause_reason": self.pause_reason,
+            "subscribers": self.subscribers, "sent_this_month": self.sent_this_month,
+            "monthly_cap": self.monthly_cap, "hard_bounce_threshold": self.threshold(now),
+            "notify": self.notify, "created": self.created, "credits": self.credits,
+            "footer": not self.no_footer, "sent_total": self.sent_total,
+        }
+
+
+def _put(conn: Any, account: Account, events: list[tuple[float, str, str | None, bytes]]) -> None:
+    put_account(conn, account.id, msgspec.json.encode(account))
+    if events:
+        append_events(conn, events)
+
+
+class AccountBook:
+    def __init__(self, spool: Spool, clock: Callable[[], float] = time.time):
+        self.spool = spool
+        self.clock = clock
+        self.accounts: dict[str, Account] = {}
+        self.on_release: list[Callable[[str], None]] = []
+
+    def load(self) -> None:
+        for account_id, data in self.spool.accounts():
+            self.accounts[account_id] = msgspec.json.decode(data, type=Account)
+
+    def get(self, account_id: str) -> Account | None:
+        return self.accounts.get(account_id)
+
+    def is_held(self, account_id: str) -> bool:
+        account = self.accounts.get(account_id)
+        return account is None or account.status != "active"
+
+    def paused_count(self) -> int:
+        return sum(1 for a in self.accounts.values() if a.status == "paused")
+
+    async def set(self, account_id: str, fields: dict[str, Any]) -> Account:
+        """Create or change an account (`mta accounts set`); durable before it returns."""
+        if not account_id or len(account_id) > 200 or any(c.isspace() for c in account_id):
+            raise AccountError("invalid_argument", "account id must be 1-200 characters without spaces")
+        old = self.accounts.get(account_id)
+        if old is None:
+            missing = [k for k in ("plan", "subscribers", "notify") if fields.get(k) is None]
+            if missing:
+                raise AccountError("invalid_argument", f"a new account needs {', '.join('--' + m for m in missing)}")
+        merged: dict[str, Any] = msgspec.structs.asdict(old) if old else {"id": account_id}
+        merged.update({k: v for k, v in fields.items() if v is not None})
+        if old is None:
+            merged.setdefault("status", "review")  # SPEC §1: new accounts wait for an admin
+            merged.setdefault("created", datetime.fromtimestamp(self.clock(), UTC).date().isoformat())
+        account = _validated(merged)
+        events = []
+        if old is not None and old.status != account.status:
+            events.append(self._status_event(account, old.status))
+        await self.spool.transact(_put, account, events)
+        self.accounts[account_id] = account
+        if old is not None and old.status != "active" and account.status == "active":
+            self._released(account_id)
+        return account
+
+    async def set_status(self, account_id: str, status: str, reason: str | None = None,
+                         extra: dict[str, Any] | None = None) -> Account:
+        account = self.accounts.get(account_id)
+        if account is None:
+            raise AccountError("unknown_account", f"no account {account_id!r}")
+        if status not in STATUSES:
+            raise AccountError("invalid_argument", f"status must be one of {', '.join(STATUSES)}")
+        old_status = account.status
+        changed = msgspec.structs.replace(account, status=status,
+                                          pause_reason=reason if status == "paused" else None)
+        events = [self._status_event(changed, old_status, extra)] if old_status != status else []
+        await self.spool.transact(_put, changed, events)
+        self.accounts[account_id] = changed
+        if old_status != "active" and status == "active":
+            self._released(account_id)
+        return changed
+
+    def _status_event(self, account: Account, old: str, extra: dict[str, Any] | None = None
+                      ) -> tuple[float, str, str | None, bytes]:
+        etype = "paused" if account.status == "paused" else "resumed" if account.status == "active" else "status"
+        body: dict[str, Any] = {"status": account.status, "previous": old}
+        if account.pause_reason:
+            body["reason"] = account.pause_reason
+        body.update(extra or {})
+        return event_row(etype, account.id, body, self.clock())
+
+    def _released(self, account_id: str) -> None:
+        for callback in self.on_release:
+            callback(account_id)
+
+
+def _validated(fields: dict[str, Any]) -> Account:
+    if fields.get("plan") not in PLANS:
+        raise AccountError("invalid_argument", f"--plan must be one of {', '.join(PLANS)}")
+    if fields.get("status") not in STATUSES:
+        raise AccountError("invalid_argument", f"--status must be one of {', '.join(STATUSES)}")
+    subs = fields.get("subscribers")
+    if not isinstance(subs, int) or isinstance(subs, bool) or subs < 0:
+        raise AccountError("invalid_argument", "--subscribers must be a whole number >= 0")
+    notify = fields.get("notify")
+    if not isinstance(notify, str) or "@" not in notify or any(c in notify for c in "\r\n\0 "):
+        raise AccountError("invalid_argument", "--notify must be an email address")
+    threshold = fields.get("hard_bounce_threshold")
+    if threshold is not None and not 0.08 <= float(threshold) <= 0.15:
+        raise AccountError("invalid_argument", "--hard-bounce-threshold must lie within 0.08..0.15 (SPEC §1)")
+    credits = fields.get("credits")
+    if credits is not None and (not isinstance(credits, int) or credits < 0):
+        raise AccountError("invalid_argument", "--credits must be a whole number >= 0")
+    created = fields.get("created", "")
+    try:
+        datetime.strptime(created, "%Y-%m-%d")
+    except (TypeError, ValueError):
+        raise AccountError("invalid_argument", "--created must be a date YYYY-MM-DD") from None
+    try:
+        return msgspec.convert(fields, type=Account)
+    except msgspec.ValidationError as exc:
+        raise AccountError("invalid_argument", str(exc)) from None

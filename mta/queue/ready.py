@@ -1,0 +1,201 @@
+"""Ready queues: one per (sending domain, provider, destination site) own connections
+and rates (DESIGN.md, principle 2).
+
+Scheduled queues with work are served round-robin, one message each in turn, so a
+million-recipient campaign and a hundred-recipient one to the same site progress side by
+side. Each connection is a worker that takes the next message, asks the throttle (which
+answers "now" or "after T", never sleeping itself), and hands the attempt's outcome to
+the scheduler. A worker ends as soon as its queue is empty: no idle connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from ..throttle.limits import ProviderLimits, Throttles
+from ..throttle.shaping import RuleBook
+from ..types import ConnectFailed, Outcome, RecipientRow, Reply, Route
+from .scheduler import ScheduledQueue, Scheduler
+
+log = logging.getLogger("mta.ready")
+# Close a connection rather than hold it through a throttle wait longer than this.
+IDLE_CLOSE = 2.0
+
+
+class Session(Protocol):
+    usable: bool
+
+    async def deliver(self, row: RecipientRow) -> Reply: ...
+    async def close(self) -> None: ...
+
+
+class Dispatcher(Protocol):
+    async def connect(self, route: Route, sending_domain: str) -> Session: ...
+
+
+class Resolver(Protocol):
+    async def resolve(self, domain: str) -> Route: ...
+
+
+def outcome_of(reply: Reply) -> Outcome:
+    if 200 <= reply.code < 300:
+        return Outcome.DELIVERED
+    if 500 <= reply.code < 600:
+        return Outcome.BOUNCED
+    return Outcome.DEFERRED
+
+
+class ReadyQueue:
+    def __init__(self, key: tuple[str, str, tuple[str, ...]], route: Route, limits: ProviderLimits,
+                 dispatcher: Dispatcher, scheduler: Scheduler, clock: Callable[[], float],
+                 on_connections: Callable[[str, str, int], None] | None = None):
+        self.key = key
+        self.sending_domain, self.provider, _ = key
+        self.route = route
+        self.limits = limits
+        self.dispatcher = dispatcher
+        self.scheduler = scheduler
+        self.clock = clock
+        self.on_connections = on_connections
+        self.sqs: deque[ScheduledQueue] = deque()
+        self.workers = 0
+        self.sessions = 0  # workers holding an open session
+
+    # -- work ---------------------------------------------------------------------
+    def offer(self, sq: ScheduledQueue) -> None:
+        if not sq.in_ready:
+            sq.in_ready = True
+            self.sqs.append(sq)
+        self.kick()
+
+    def pending(self) -> int:
+        return sum(len(sq) for sq in self.sqs)
+
+    def kick(self) -> None:
+        want = self.pending()
+        while self.workers < want and self.limits.open_connection():
+            self.workers += 1
+            asyncio.get_running_loop().create_task(self._worker())
+        if self.workers == 0 and want:
+            self.limits.wait_for_connection(self.kick)
+
+    def _next_row(self) -> RecipientRow | None:
+        """Round-robin over the scheduled queues, one message each in turn."""
+        held = self.scheduler.is_held
+        while self.sqs:
+            sq = self.sqs[0]
+            if held(sq.account):
+                self.sqs.popleft()
+                self.scheduler.detach(sq)
+                continue
+            row = self.scheduler.pop_row(sq)
+            if row is None:
+                self.sqs.popleft()
+                self.scheduler.detach(sq)
+                continue
+            self.sqs.rotate(-1)
+            return row
+        return None
+
+    # -- one connection -------------------------------------------------------------
+    async def _worker(self) -> None:
+        session: Session | None = None
+        sent = 0
+        per_connection = self.limits.rule.max_messages_per_connection
+        try:
+            while self.sqs and not self.scheduler.draining:
+                delay = self.limits.acquire(self.clock())
+                if delay > 0:
+                    if session is not None and delay > IDLE_CLOSE:
+                        await self._close(session)
+                        session = None
+                    await asyncio.sleep(delay)
+                    continue
+                row = self._next_row()
+                if row is None:
+                    break
+                if session is not None and (sent >= per_connection or not session.usable):
+                    await self._close(session)
+                    session = None
+                if session is None:
+                    try:
+                        session = await self.dispatcher.connect(self.route, self.sending_domain)
+                    except ConnectFailed as exc:
+                        self._connect_failed(row, exc.reply)
+                        break
+                    self.sessions += 1
+                    self._report()
+                    sent = 0
+                started = time.monotonic()
+                reply = await session.deliver(row)
+                sent += 1
+                self.scheduler.settle(row, outcome_of(reply), reply, self.provider,
+                                      latency=time.monotonic() - started)
+                if not session.usable:
+                    await self._close(session)
+                    session = None
+        except Exception:
+            log.exception("ready queue worker failed for %s", self.key)
+        finally:
+            if session is not None:
+                await self._close(session)
+            self.workers -= 1
+            self.limits.close_connection()
+            if self.sqs and self.workers == 0 and not self.scheduler.draining:
+                self.kick()
+
+    async def _close(self, session: Session) -> None:
+        self.sessions -= 1
+        self._report()
+        await session.close()
+
+    def _report(self) -> None:
+        if self.on_connections is not None:
+            self.on_connections(self.sending_domain, self.provider, self.sessions)
+
+    def _connect_failed(self, row: RecipientRow, reply: Reply) -> None:
+        self.scheduler.settle(row, Outcome.DEFERRED, reply, self.provider)
+        if self.sessions == 0 and self.workers == 1:
+            # The site is unreachable from here: the whole queue defers, each message on
+            # its own retry schedule, instead of every message retrying the connection.
+            while (other := self._next_row()) is not None:
+                self.scheduler.settle(other, Outcome.DEFERRED, reply, self.provider)
+
+
+class ReadyQueues:
+    """The router: destination -> route (DNS) -> shaping rule -> ready queue."""
+
+    def __init__(self, resolver: Resolver, rules: RuleBook, throttles: Throttles, dispatcher: Dispatcher,
+                 scheduler: Scheduler, clock: Callable[[], float] = time.time,
+                 on_connections: Callable[[str, str, int], None] | None = None):
+        self.resolver = resolver
+        self.rules = rules
+        self.throttles = throttles
+        self.dispatcher = dispatcher
+        self.scheduler = scheduler
+        self.clock = clock
+        self.on_connections = on_connections
+        self.queues: dict[tuple[str, str, tuple[str, ...]], ReadyQueue] = {}
+
+    async def route(self, sq: ScheduledQueue) -> ReadyQueue:
+        route = await self.resolver.resolve(sq.domain)
+        rule = self.rules.match(sq.domain, route.site)
+        key = (sq.sending_domain, rule.provider, route.site)
+        rq = self.queues.get(key)
+        limits = self.throttles.get(sq.sending_domain, rule)
+        if rq is None:
+            rq = self.queues[key] = ReadyQueue(key, route, limits, self.dispatcher, self.scheduler, self.clock,
+                                               self.on_connections)
+        else:
+            rq.route = route  # fresher DNS answer
+            rq.limits = limits
+        return rq
+
+    def stats(self) -> list[dict[str, object]]:
+        return [{"sending_domain": k[0], "provider": k[1], "site": list(k[2]), "queued": rq.pending(),
+                 "connections": rq.sessions} for k, rq in self.queues.items() if rq.sqs or rq.sessions]

@@ -1,0 +1,222 @@
+"""Submit jobs (SPEC §4): the wire model and the checks a job passes before it is spooled.
+
+Pure functions over decoded data: no I/O, so every refusal is easy to test. The order of
+checks is the order of the error codes a campaign system can act on: the job as a whole
+first (malformed, header_injection, too_many_recipients, message_too_large), then each
+recipient (invalid_address, missing_variable, header_injection through a variable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from ..template import Text, has_header_breaker, split_raw
+from ..types import Content
+
+VarValue = str | int | float | bool | None
+
+
+class RecipientIn(msgspec.Struct, forbid_unknown_fields=False):
+    email: str
+    vars: dict[str, VarValue] = {}
+
+
+class JobIn(msgspec.Struct, forbid_unknown_fields=False):
+    job_id: str
+    account: str
+    sending_domain: str
+    recipients: list[RecipientIn]
+    campaign: str = ""
+    from_: str | None = msgspec.field(default=None, name="from")
+    subject: str | None = None
+    text: str | None = None
+    html: str | None = None
+    raw: str | None = None
+    headers: dict[str, str] = {}
+    list_unsubscribe_url: str | None = None
+    op: str = "submit"
+
+
+class Refused(Exception):
+    """The whole job is refused with an error code (SPEC §4)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A validated job: what goes into the spool, and what the answer will say."""
+
+    job: JobIn
+    content: Content
+    digest: bytes
+    # (idx, email, ascii domain, vars as JSON, keyed hash of the address)
+    rows: list[tuple[int, str, str, bytes, str]] = field(default_factory=list)
+    rejected: list[dict[str, object]] = field(default_factory=list)
+
+
+# Headers the daemon writes itself; a job may not set them through `headers`.
+RESERVED_HEADERS = frozenset({
+    "from", "to", "subject", "date", "mime-version", "content-type", "content-transfer-encoding",
+    "list-unsubscribe", "list-unsubscribe-post", "feedback-id", "dkim-signature", "return-path",
+    "received", "sender",
+})
+_FIELD_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 §2.2: printable ASCII except colon
+_LOCAL = re.compile(r"^[^\s@<>()\[\],;:\"\\\x00-\x1f\x7f]{1,64}$")
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_encode = msgspec.json.encode
+
+
+def ascii_domain(domain: str) -> str | None:
+    """The A-label form of a recipient domain (IDNA), or None when it is not a valid host name."""
+    domain = domain.strip().rstrip(".").lower()
+    if not domain or len(domain) > 253:
+        return None
+    try:
+        ascii_form = domain.encode("idna").decode("ascii") if not domain.isascii() else domain
+    except UnicodeError:
+        return None
+    labels = ascii_form.split(".")
+    if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
+        return None
+    return ascii_form
+
+
+def split_address(email: str) -> tuple[str, str] | None:
+    """(local part, ascii domain) of a plain address, or None if it is not one."""
+    local, at, domain = email.strip().rpartition("@")
+    if not at or not _LOCAL.match(local) or local.startswith(".") or local.endswith(".") or ".." in local:
+        return None
+    ascii_form = ascii_domain(domain)
+    if ascii_form is None:
+        return None
+    return local, ascii_form
+
+
+def job_digest(job: JobIn) -> bytes:
+    """What makes two submissions "the same job" for idempotency: the content, key order aside."""
+    return hashlib.sha256(_encode(job, order="sorted")).digest()
+
+
+def content_of(job: JobIn) -> Content:
+    return Content(from_=job.from_, subject=job.subject, text=job.text, html=job.html, raw=job.raw,
+                   headers=dict(job.headers), list_unsubscribe_url=job.list_unsubscribe_url)
+
+
+def _check_fields(job: JobIn) -> None:
+    if not job.job_id.strip() or len(job.job_id) > 200:
+        raise Refused("malformed_request", "job_id must be a non-empty string of at most 200 characters")
+    if not job.account.strip():
+        raise Refused("malformed_request", "account must be a non-empty string")
+    values = {"from": job.from_, "subject": job.subject, "list_unsubscribe_url": job.list_unsubscribe_url,
+              "campaign": job.campaign, "job_id": job.job_id, "account": job.account}
+    for name, value in values.items():
+        if value is not None and has_header_breaker(value):
+            raise Refused("header_injection", f"{name} contains CR, LF or NUL")
+    for name, value in job.headers.items():
+        if has_header_breaker(name) or has_header_breaker(value):
+            raise Refused("header_injection", f"header {name!r} contains CR, LF or NUL")
+        if not _FIELD_NAME.match(name):
+            raise Refused("malformed_request", f"header name {name!r} is not a valid field name")
+        if name.lower() in RESERVED_HEADERS:
+            raise Refused("malformed_request", f"header {name!r} is set by the daemon, not by a job")
+    if job.raw is not None:
+        if any(v is not None for v in (job.subject, job.text, job.html)):
+            raise Refused("malformed_request", "a job carries either raw or subject/text/html, not both")
+        if "\x00" in job.raw:
+            raise Refused("header_injection", "raw contains NUL")
+        head, _ = split_raw(job.raw)
+        if not re.search(r"(?im)^from:", head):
+            raise Refused("malformed_request", "raw message has no From header")
+    else:
+        if job.from_ is None:
+            raise Refused("malformed_request", "from is required (or give a raw message)")
+        if job.text is None and job.html is None:
+            raise Refused("malformed_request", "text or html is required (or give a raw message)")
+        if job.subject is None:
+            raise Refused("malformed_request", "subject is required")
+    if job.list_unsubscribe_url is not None and not job.list_unsubscribe_url.startswith("https://"):
+        raise Refused("malformed_request", "list_unsubscribe_url must be an https:// URL (RFC 8058)")
+
+
+def _qp_size(text: str) -> int:
+    """Upper bound of the quoted-printable size of a UTF-8 text (3 bytes per escaped byte)."""
+    raw = text.encode("utf-8", "surrogatepass")
+    escaped = sum(1 for b in raw if b > 126 or b == 61)
+    return len(raw) + 2 * escaped + len(raw) // 72 * 3
+
+
+def prepare(job: JobIn, *, max_recipients: int, max_message_size: int,
+            address_hash: Callable[[str], str], digest: bytes | None = None,
+            suppressed: Callable[[str, str], bool] | None = None) -> Prepared:
+    """Validate a decoded job; raise Refused for the whole job, else list per-recipient rejections."""
+    _check_fields(job)
+    if len(job.recipients) > max_recipients:
+        raise Refused("too_many_recipients",
+                      f"{len(job.recipients)} recipients; at most {max_recipients} per job")
+    content = content_of(job)
+    header_texts = [Text(v) for v in (job.from_, job.subject, job.list_unsubscribe_url) if v]
+    header_texts += [Text(v) for v in job.headers.values()]
+    body_texts: list[Text] = []
+    if job.raw is not None:
+        head, body = split_raw(job.raw)
+        header_texts.append(Text(head))
+        body_texts.append(Text(body))
+    else:
+        body_texts += [Text(v) for v in (job.text, job.html) if v]
+    header_names = frozenset().union(*(t.names for t in header_texts))
+    all_names = header_names.union(*(t.names for t in body_texts))
+    # Size: literal parts once, plus each variable's value as often as it occurs.
+    occurrences: dict[str, int] = {}
+    for t in header_texts + body_texts:
+        for name, n in t.occurrences().items():
+            occurrences[name] = occurrences.get(name, 0) + n
+    base_size = 2048 + sum(_qp_size(p) for t in body_texts for p in t.parts[0::2]) \
+        + sum(t.literal_size() for t in header_texts)
+    if base_size > max_message_size:
+        raise Refused("message_too_large",
+                      f"the rendered message is at least {base_size} bytes; max_message_size is {max_message_size}")
+    if digest is None:
+        digest = job_digest(job)
+    prepared = Prepared(job, content, digest)
+    seen: set[str] = set()
+    for idx, rcpt in enumerate(job.recipients):
+        parts = split_address(rcpt.email)
+        if parts is None:
+            prepared.rejected.append({"index": idx, "email": rcpt.email, "code": "invalid_address"})
+            continue
+        values = {k: ("" if v is None else str(v)) for k, v in rcpt.vars.items()}
+        missing = all_names.difference(values)
+        if missing:
+            prepared.rejected.append({"index": idx, "email": rcpt.email, "code": "missing_variable",
+                                      "message": "missing " + ", ".join(sorted(missing))})
+            continue
+        if any(has_header_breaker(values[n]) for n in header_names):
+            prepared.rejected.append({"index": idx, "email": rcpt.email, "code": "header_injection",
+                                      "message": "a variable used in a header contains CR, LF or NUL"})
+            continue
+        size = base_size + sum(3 * len(values[n].encode()) * k for n, k in occurrences.items())
+        if size > max_message_size:
+            prepared.rejected.append({"index": idx, "email": rcpt.email, "code": "message_too_large"})
+            continue
+        local, domain = parts
+        email = f"{local}@{domain}"
+        key = email.lower()
+        rhash = address_hash(key)
+        if key in seen:
+            prepared.rejected.append({"index": idx, "email": rcpt.email, "code": "duplicate_recipient"})
+            continue
+        if suppressed is not None and suppressed(job.account, rhash):
+            prepared.rejected.append({"index": idx, "email": rcpt.email, "code": "suppressed"})
+            continue
+        seen.add(key)
+        prepared.rows.append((idx, email, domain, _encode(values), rhash))
+    return prepared

@@ -1,0 +1,146 @@
+"""The submit socket's operations (SPEC §4): ping, submit, events, event.
+
+Admission order for a job: decodes as a job -> the account exists -> idempotency (the
+same job_id returns its first answer, even if the account was paused since) -> account
+status -> managed sending domain -> content checks -> spooled durably -> acknowledged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from .. import metrics
+from ..config import Config
+from ..events import event_row
+from ..events import read as read_events
+from ..jsonlines import Peer, error
+from ..policy.accounts import AccountBook
+from ..queue.scheduler import Scheduler
+from ..queue.spool import Spool, SpoolUnavailable, append_events, insert_job
+from ..types import JobInfo
+from .job import JobIn, Refused, job_digest, prepare
+
+_encode = msgspec.json.encode
+_decode = msgspec.json.decode
+
+
+class SubmitService:
+    def __init__(self, config: Config, spool: Spool, accounts: AccountBook, scheduler: Scheduler,
+                 address_hash: Callable[[str], str], clock: Callable[[], float] = time.time):
+        self.config = config
+        self.spool = spool
+        self.accounts = accounts
+        self.scheduler = scheduler
+        self.address_hash = address_hash
+        self.clock = clock
+
+    async def handle(self, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        op = request["op"]
+        if op == "ping":
+            return {"ok": True}
+        if op == "submit":
+            answer = await self.submit(request)
+            if answer.get("ok") is False:
+                metrics.SUBMIT_ERRORS.labels(answer["error"]["code"]).inc()
+            return answer
+        if op == "events":
+            return self.events(request)
+        if op == "event":
+            return await self.report(request)
+        return error("unknown_op", f"unknown op {op!r} (ping, submit, events, event)")
+
+    def events(self, request: dict[str, Any]) -> dict[str, Any]:
+        after, limit = request.get("after", 0), request.get("limit", 1000)
+        if after is None:
+            after = 0
+        if isinstance(after, bool) or not isinstance(after, int) or isinstance(limit, bool) \
+                or not isinstance(limit, int) or after < 0 or limit < 1 or after > 2**62:
+            return error("malformed_request", "after must be a cursor >= 0 and limit a number >= 1")
+        return read_events(self.spool, after, min(limit, 2**31))
+
+    async def report(self, request: dict[str, Any]) -> dict[str, Any]:
+        """An unsubscribe or complaint the campaign system received itself (SPEC §4)."""
+        etype, account, campaign, address = (request.get(k) for k in ("type", "account", "campaign", "email"))
+        if etype not in ("unsubscribed", "complained"):
+            return error("malformed_request", "type must be unsubscribed or complained")
+        if not all(isinstance(v, str) and v for v in (account, campaign, address)):
+            return error("malformed_request", "account, campaign and email are required strings")
+        assert isinstance(account, str) and isinstance(address, str)
+        if self.accounts.get(account) is None:
+            return error("unknown_account", f"no account {account!r}")
+        body: dict[str, Any] = {"campaign": campaign, "source": "campaign_system"}
+        if etype == "complained":
+            body["recipient_hash"] = self.address_hash(address)  # SPEC §8: never the address
+        else:
+            body["recipient"] = address
+        try:
+            await self.spool.transact(append_events, [event_row(etype, account, body, self.clock())])
+        except SpoolUnavailable as exc:
+            return error("unavailable", str(exc))
+        return {"ok": True}
+
+    async def submit(self, request: dict[str, Any]) -> dict[str, Any]:
+        job_id = request.get("job_id") if isinstance(request.get("job_id"), str) else None
+        try:
+            job = msgspec.convert(request, JobIn)
+        except msgspec.ValidationError as exc:
+            return error("malformed_request", f"not a valid job: {exc}", job_id=job_id)
+        account = self.accounts.get(job.account)
+        if account is None:
+            return error("unknown_account", f"no account {job.account!r} (create it with `mta accounts set`)",
+                         job_id=job.job_id)
+        digest = job_digest(job)
+        found = self.spool.find_job(job.account, job.job_id)
+        if found is not None:
+            return self._replay(job.job_id, digest, *found)
+        if account.status == "paused":
+            return error("account_paused", f"account {job.account} is paused ({account.pause_reason})",
+                         job_id=job.job_id)
+        if account.status == "suspended":
+            return error("account_suspended", f"account {job.account} is suspended", job_id=job.job_id)
+        sending_domain = job.sending_domain.lower()
+        if sending_domain not in self.config.sending_domains:
+            return error("unmanaged_sending_domain",
+                         f"{job.sending_domain!r} is not one of {', '.join(self.config.sending_domains)}",
+                         job_id=job.job_id)
+        try:
+            prepared = prepare(job, max_recipients=self.config.max_recipients_per_job,
+                               max_message_size=self.config.max_message_size, address_hash=self.address_hash,
+                               digest=digest)
+        except Refused as exc:
+            return error(exc.code, exc.message, job_id=job.job_id)
+        answer: dict[str, Any] = {"ok": True, "job_id": job.job_id, "accepted": len(prepared.rows),
+                                  "rejected": prepared.rejected}
+        answer_blob = _encode(answer)
+        now = self.clock()
+        campaign = job.campaign or job.job_id
+        event = event_row("accepted", job.account, {"campaign": campaign, "job_id": job.job_id,
+                                                    "recipients": len(prepared.rows),
+                                                    "rejected": len(prepared.rejected)}, now)
+        try:
+            status, job_row, first, old_digest, old_answer = await self.spool.transact(
+                insert_job, job.account, job.job_id, campaign, sending_domain, prepared.digest,
+                _encode(prepared.content), answer_blob, now, prepared.rows, event)
+        except SpoolUnavailable as exc:
+            return error("unavailable", f"{exc}; retry later", job_id=job.job_id)
+        if status == "exists":  # the same job_id won a race inside one group commit
+            return self._replay(job.job_id, digest, old_digest, old_answer)
+        info = JobInfo(job_row, job.account, job.job_id, campaign, sending_domain, now)
+        self.scheduler.add(info, ((first + i, row[2]) for i, row in enumerate(prepared.rows)))
+        metrics.SUBMITTED_JOBS.inc()
+        metrics.SUBMITTED_RECIPIENTS.inc(len(prepared.rows))
+        for rejection in prepared.rejected:
+            metrics.REJECTED_RECIPIENTS.labels(str(rejection["code"])).inc()
+        return answer
+
+    @staticmethod
+    def _replay(job_id: str, digest: bytes, old_digest: bytes, old_answer: bytes) -> dict[str, Any]:
+        if digest != old_digest:
+            return error("duplicate_job", f"job_id {job_id!r} was already used for a different job",
+                         job_id=job_id)
+        first: dict[str, Any] = _decode(old_answer)
+        return first
