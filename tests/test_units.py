@@ -1,0 +1,116 @@
+"""Pure parts: tokens, GCRA with an injected clock, job validation, shaping rule matching."""
+
+from __future__ import annotations
+
+import pytest
+
+from mta.config import ShapingRule
+from mta.submit.job import JobIn, Refused, prepare, split_address
+from mta.throttle.gcra import Gcra, default_burst
+from mta.throttle.shaping import RuleBook
+from mta.tokens import BOUNCE, UNSUBSCRIBE, TokenSigner
+
+KEY = b"k" * 32
+
+
+def test_token_round_trip_and_forgery() -> None:
+    signer = TokenSigner(KEY)
+    token = signer.make(BOUNCE, 12345, 987654321)
+    ref = signer.verify(token)
+    assert ref is not None and (ref.purpose, ref.job, ref.recipient) == (BOUNCE, 12345, 987654321)
+    assert signer.verify(token.upper()) == ref  # remote MTAs may change the case
+    for i in range(len(token)):  # any single changed character is refused
+        c = token[i]
+        forged = token[:i] + ("a" if c != "a" else "b") + token[i + 1:]
+        assert signer.verify(forged) is None
+    assert TokenSigner(b"x" * 32).verify(token) is None
+    assert signer.verify("") is None and signer.verify("!!!") is None
+    assert len("b-" + signer.make(UNSUBSCRIBE, 2**40, 2**50)) < 64  # RFC 5321 local-part limit
+
+
+def test_gcra_holds_the_rate_with_an_injected_clock() -> None:
+    g = Gcra(rate=10.0, burst=1)
+    now, sent = 1000.0, 0
+    while now < 1060.0:
+        wait = g.acquire(now)
+        if wait == 0:
+            sent += 1
+        else:
+            now += wait
+    assert sent == pytest.approx(600, abs=6)  # within 1 %
+
+
+def test_gcra_burst_and_retry_after() -> None:
+    g = Gcra(rate=100.0, burst=5)
+    assert [g.acquire(0.0) for _ in range(5)] == [0.0] * 5
+    wait = g.acquire(0.0)
+    assert wait == pytest.approx(0.01)
+    assert g.acquire(0.0 + wait) == 0.0
+    assert default_burst(10.0) == 1 and default_burst(1000.0) == 50
+
+
+def test_rule_matching_by_domain_then_mx_then_default() -> None:
+    google = ShapingRule("google", (".google.com",), ("gmail.com",), 20, 100, 5.0)
+    default = ShapingRule("default", (), (), 10, 100, 10.0)
+    book = RuleBook([google, default])
+    assert book.match("gmail.com", []).provider == "google"
+    assert book.match("acme.com", ["aspmx.l.google.com"]).provider == "google"
+    assert book.match("acme.com", ["mx.acme.com"]).provider == "default"
+    assert RuleBook([google]).match("x.com", []).max_rate is None  # no default rule: unthrottled
+
+
+def _job(**fields: object) -> JobIn:
+    base: dict[str, object] = {"job_id": "j", "account": "a", "sending_domain": "mlgnserv.com",
+                               "from": "A <a@a.example>", "subject": "Hi {{name}}", "text": "Hello {{name}}",
+                               "recipients": [{"email": "ann@x.test", "vars": {"name": "Ann"}}]}
+    base.update(fields)
+    import msgspec
+
+    return msgspec.convert(base, JobIn)
+
+
+def _prepare(job: JobIn, size: int = 1 << 20) -> object:
+    return prepare(job, max_recipients=100, max_message_size=size, address_hash=lambda a: a)
+
+
+@pytest.mark.parametrize("fields", [
+    {"subject": "Hi\r\nBcc: x@y"}, {"from": "A <a@a.example>\nX: y"}, {"headers": {"X-T": "a\x00b"}},
+    {"headers": {"X-T\r\nBcc": "a"}},
+])
+def test_header_injection_in_job_fields(fields: dict[str, object]) -> None:
+    with pytest.raises(Refused) as err:
+        _prepare(_job(**fields))
+    assert err.value.code == "header_injection"
+
+
+def test_per_recipient_rejections() -> None:
+    job = _job(recipients=[
+        {"email": "ok@x.test", "vars": {"name": "A"}},
+        {"email": "no-at-sign", "vars": {"name": "B"}},
+        {"email": "missing@x.test", "vars": {}},
+        {"email": "evil@x.test", "vars": {"name": "E\r\nBcc: victim@x.test"}},
+        {"email": "OK@x.test", "vars": {"name": "dup"}},
+    ])
+    p = _prepare(job)
+    assert [r[1] for r in p.rows] == ["ok@x.test"]  # type: ignore[attr-defined]
+    codes = [r["code"] for r in p.rejected]  # type: ignore[attr-defined]
+    assert codes == ["invalid_address", "missing_variable", "header_injection", "duplicate_recipient"]
+
+
+def test_whole_job_refusals() -> None:
+    with pytest.raises(Refused, match="at least"):
+        _prepare(_job(text="x" * 5000), size=2048)
+    with pytest.raises(Refused) as err:
+        prepare(_job(recipients=[{"email": f"a{i}@x.test", "vars": {"name": "n"}} for i in range(3)]),
+                max_recipients=2, max_message_size=1 << 20, address_hash=lambda a: a)
+    assert err.value.code == "too_many_recipients"
+    with pytest.raises(Refused) as err:
+        _prepare(_job(headers={"From": "x"}))
+    assert err.value.code == "malformed_request"
+
+
+def test_addresses_and_idn() -> None:
+    assert split_address("Ann@Example.TEST") == ("Ann", "example.test")
+    assert split_address("ann@bücher.test") == ("ann", "xn--bcher-kva.test")
+    for bad in ("a@", "@x.test", "a b@x.test", "a@x", "a@-x.test", "a..b@x.test"):
+        assert split_address(bad) is None
