@@ -111,9 +111,9 @@ class _Controller(Controller):
 
 
 class Sink:
-    def __init__(self, host: str = "127.0.0.2", *, defer_times: int = 1, stall: float = 1.0):
+    def __init__(self, host: str = "127.0.0.2", *, port: int = 0, defer_times: int = 1, stall: float = 1.0):
         self.host = host
-        self.port = free_port(host)
+        self.port = port or free_port(host)
         self.defer_times = defer_times
         self.stall = stall
         self.lock = threading.Lock()

@@ -1,0 +1,163 @@
+"""The running daemon end to end over real sockets: submit -> spool -> delivery -> events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from typing import Any
+
+from .conftest import Client, Daemon, job, wait_for
+from .sinks import Sink
+
+
+async def poll_events(d: Daemon, etype: str, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Events of a type, once there are at least n of them."""
+    for _ in range(int(timeout / 0.1)):
+        events = await d.events(etype)
+        if len(events) >= n:
+            return events
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"fewer than {n} {etype} events after {timeout}s")
+
+
+async def test_delivers_each_recipient_once_with_retries_and_bounces(daemon_factory: Any, sink: Sink) -> None:
+    d = await daemon_factory(static={"d.test": [sink.addr]})
+    await d.account()
+    rcpts = [f"ok{i}@d.test" for i in range(20)] + ["defer1@d.test", "hard1@d.test", "drop1@d.test"]
+    answer = await d.submit(job("j1", rcpts))
+    assert answer == {"ok": True, "job_id": "j1", "accepted": 23, "rejected": []}
+    expected = [r for r in rcpts if not r.startswith("hard")]
+    await wait_for(lambda: all(sink.delivered()[r] for r in expected), 30)
+    await asyncio.sleep(0.3)
+    counts = sink.delivered()
+    assert all(counts[r] == 1 for r in expected) and counts["hard1@d.test"] == 0
+    assert sink.state.tries["defer1@d.test"] == 2 and sink.state.tries["drop1@d.test"] == 2
+    bounced = await d.events("bounced")
+    assert [(e["recipient"], e["kind"], e["reason"]) for e in bounced] == [("hard1@d.test", "hard", "userunknown")]
+    assert "550 5.1.1" in bounced[0]["code"]
+    deferred = {e["recipient"] for e in await d.events("deferred")}
+    assert deferred == {"defer1@d.test", "drop1@d.test"}
+    assert len(await d.events("delivered")) == len(expected)
+    # every message carries its own VERP return path on the bounce domain
+    froms = {m.mail_from for m in sink.messages()}
+    assert len(froms) == len(expected) and all(f.endswith("@bounces.mlgnserv.com") for f in froms)
+
+
+async def test_protocol_errors_and_idempotency(daemon_factory: Any, sink: Sink) -> None:
+    d = await daemon_factory(static={"d.test": [sink.addr]})
+    await d.account()
+    c = await d.client()
+    first = await c.request(job("idem", ["ok1@d.test", "bad@"]))
+    assert first["accepted"] == 1 and first["rejected"][0]["code"] == "invalid_address"
+    assert await c.request(job("idem", ["ok1@d.test", "bad@"])) == first
+    assert (await c.request(job("idem", ["ok2@d.test"])))["error"]["code"] == "duplicate_job"
+    await c.send_raw(b'{"op": "submit", "job_id": "x", "recipients": [')
+    assert (await c.read())["error"]["code"] == "malformed_request"
+    await c.send_raw(b"\xff\xfe not json")
+    assert (await c.read())["error"]["code"] == "malformed_request"
+    assert (await c.request({"op": "launch"}))["error"]["code"] == "unknown_op"
+    assert (await c.request(job("u", ["ok@d.test"], account="nobody")))["error"]["code"] == "unknown_account"
+    assert (await c.request(job("s", ["ok@d.test"], sending_domain="evil.com")))["error"]["code"] \
+        == "unmanaged_sending_domain"
+    assert (await c.request(job("h", ["ok@d.test"], subject="x\r\nBcc: a@b")))["error"]["code"] == "header_injection"
+    assert (await c.request({"op": "submit", "job_id": 5}))["error"]["code"] == "malformed_request"
+    assert await c.request({"op": "ping"}) == {"ok": True}
+    # pipelined: answers come back in request order
+    for i in range(10):
+        await c.send_raw(json.dumps(job(f"p{i}", [f"ok-p{i}@d.test"])).encode())
+    answers = [await c.read() for _ in range(10)]
+    assert [a["job_id"] for a in answers] == [f"p{i}" for i in range(10)]
+    await c.close()
+    await wait_for(lambda: sum(sink.delivered().values()) == 11, 20)
+    await asyncio.sleep(0.5)
+    assert sink.delivered()["ok1@d.test"] == 1  # the resubmission sent nothing twice
+
+
+async def test_new_accounts_are_held_until_approved(daemon_factory: Any, sink: Sink) -> None:
+    d = await daemon_factory(static={"d.test": [sink.addr]})
+    await d.app.accounts.set("fresh", {"plan": "monthly", "subscribers": 10, "notify": "o@f.test"})
+    assert d.app.accounts.get("fresh").status == "review"
+    assert (await d.submit(job("r1", ["ok1@d.test", "ok2@d.test"], account="fresh")))["accepted"] == 2
+    await asyncio.sleep(1.0)
+    assert not sink.delivered()
+    await d.app.accounts.set_status("fresh", "active")
+    await wait_for(lambda: len(sink.delivered()) == 2, 20)
+
+
+async def test_paused_account_refuses_jobs_and_holds_mail(daemon_factory: Any, sink: Sink) -> None:
+    d = await daemon_factory(static={"d.test": [sink.addr]})
+    await d.account()
+    await d.app.accounts.set_status("acme", "paused", "paused by an admin")
+    answer = await d.submit(job("pz", ["ok1@d.test"]))
+    assert answer["error"]["code"] == "account_paused"
+    assert [e["type"] for e in await d.events() if e["type"] in ("paused", "resumed")] == ["paused"]
+
+
+async def test_expiry_bounces_after_max_age(daemon_factory: Any) -> None:
+    stubborn = Sink("127.0.0.4", defer_times=1000).start()
+    try:
+        d = await daemon_factory(static={"e.test": [stubborn.addr]}, retry=["1s"], max_age="2s")
+        await d.account()
+        await d.submit(job("ex", ["defer-x@e.test"]))
+        expired = await poll_events(d, "expired", 1)
+        assert expired and expired[0]["recipient"] == "defer-x@e.test" and expired[0]["reason"] == "expired"
+        assert stubborn.state.tries["defer-x@e.test"] >= 2
+    finally:
+        stubborn.stop()
+
+
+async def test_unreachable_site_defers_everything(daemon_factory: Any) -> None:
+    d = await daemon_factory(static={"gone.test": ["127.0.0.5:9"]})
+    await d.account()
+    await d.submit(job("g", [f"ok{i}@gone.test" for i in range(5)]))
+    events = await poll_events(d, "deferred", 5)
+    assert len(events) >= 5 and all(e["reason"] == "networkerror" for e in events)
+    assert not await d.events("bounced")
+
+
+async def test_restart_recovers_queued_mail(daemon_factory: Any, sink: Sink) -> None:
+    stubborn = Sink("127.0.0.4", defer_times=1).start()
+    try:
+        d = await daemon_factory(static={"d.test": [stubborn.addr]}, retry=["3s"])
+        await d.account()
+        await d.submit(job("rs", [f"defer{i}@d.test" for i in range(5)]))
+        await wait_for(lambda: len(stubborn.state.tries) == 5, 10)
+        await d.stop()
+        await d.start()
+        await wait_for(lambda: len(stubborn.delivered()) == 5, 20)
+        assert all(n == 1 for n in stubborn.delivered().values())
+    finally:
+        stubborn.stop()
+
+
+async def test_metrics_and_health(daemon_factory: Any, sink: Sink) -> None:
+    d = await daemon_factory(static={"d.test": [sink.addr]})
+    await d.account()
+    await d.submit(job("m", ["ok@d.test", "hard@d.test"]))
+    await wait_for(lambda: sink.delivered(), 10)
+    host, port = d.app.config.metrics_listen
+
+    def get(path: str) -> tuple[int, str]:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+
+    status, text = await asyncio.to_thread(get, "/metrics")
+    assert status == 200
+    for name in ("mta_submitted_jobs_total", "mta_deliveries_total", "mta_queue_depth",
+                 "mta_delivery_latency_seconds_bucket"):
+        assert name in text
+    assert "@" not in "".join(line for line in text.splitlines() if not line.startswith("#"))
+    assert (await asyncio.to_thread(get, "/healthz"))[0] == 200
+
+
+async def test_large_job_in_one_durable_write(daemon_factory: Any, sink: Sink) -> None:
+    d = await daemon_factory(static={"d.test": [sink.addr]})
+    await d.account()
+    commits = d.app.spool.commits
+    answer = await d.submit(job("big", [{"email": f"ok{i}@d.test", "vars": {"name": str(i)}} for i in range(5000)]))
+    assert answer["accepted"] == 5000
+    # group commit: one job of 5,000 recipients is a handful of commits, not thousands
+    assert d.app.spool.commits - commits < 50
+    c: Client = await d.client()
+    await c.close()
