@@ -202,7 +202,7 @@ class _Section:
     def has(self, k: str) -> bool:
         return k in self.data
 
-    def str(self, k: str, default: str, *, required: bool = False) -> str:
+    def string(self, k: str, default: str, *, required: bool = False) -> str:
         if required and k not in self.data:
             raise ConfigError(f"{self.key(k)}: is required")
         v = self.get(k, default)
@@ -210,7 +210,7 @@ class _Section:
             raise ConfigError(f"{self.key(k)}: must be a string, not {v!r}")
         return v
 
-    def int(self, k: str, default: int, *, minimum: int = 0) -> int:
+    def integer(self, k: str, default: int, *, minimum: int = 0) -> int:
         v = self.get(k, default)
         if isinstance(v, bool) or not isinstance(v, int):
             raise ConfigError(f"{self.key(k)}: must be a whole number, not {v!r}")
@@ -243,19 +243,19 @@ class _Section:
 
 
 def _sending_domain(name: str, sec: _Section) -> SendingDomain:
-    ehlo = sec.str("ehlo", f"mta.{name}")
+    ehlo = sec.string("ehlo", f"mta.{name}")
     ips = sec.str_list("source_ips", [])
-    bounce = sec.str("bounce_domain", f"bounces.{name}")
+    bounce = sec.string("bounce_domain", f"bounces.{name}")
     raw = sec.get("dkim", None)
     keys: list[DkimKey] = []
     entries = raw if isinstance(raw, list) else ([] if raw is None else [raw])
     for i, entry in enumerate(entries):
         label = sec.key("dkim") + (f"[{i}]" if isinstance(raw, list) else "")
         d = _Section(entry, label)
-        algorithm = d.str("algorithm", "rsa-sha256")
+        algorithm = d.string("algorithm", "rsa-sha256")
         if algorithm not in ("rsa-sha256", "ed25519-sha256"):
             raise ConfigError(f"{d.key('algorithm')}: must be rsa-sha256 or ed25519-sha256, not {algorithm!r}")
-        keys.append(DkimKey(d.str("selector", "", required=True), d.str("key_file", "", required=True),
+        keys.append(DkimKey(d.string("selector", "", required=True), d.string("key_file", "", required=True),
                             algorithm))
         d.finish()
     sec.finish()
@@ -269,11 +269,11 @@ def _shaping(i: int, sec: _Section) -> ShapingRule:
     dom = tuple(s.lower() for s in sec.str_list("match_domain", []))
     default_name = "default" if not mx and not dom else (dom[0] if dom else mx[0].lstrip("."))
     rule = ShapingRule(
-        provider=sec.str("provider", default_name),
+        provider=sec.string("provider", default_name),
         match_mx=mx,
         match_domain=dom,
-        max_connections=sec.int("max_connections", 10, minimum=1),
-        max_messages_per_connection=sec.int("max_messages_per_connection", 100, minimum=1),
+        max_connections=sec.integer("max_connections", 10, minimum=1),
+        max_messages_per_connection=sec.integer("max_messages_per_connection", 100, minimum=1),
         max_rate=rate,
     )
     sec.finish()
@@ -286,25 +286,25 @@ def parse_config(data: dict[str, Any], path: str = "<config>") -> Config:
     pending: list[str] = []
 
     daemon = top.table("daemon")
-    state_dir = daemon.str("state_dir", "/var/lib/mta")
-    submit_socket = daemon.str("submit_socket", "/run/mta/submit.sock")
-    submit_group = daemon.str("submit_group", "")
+    state_dir = daemon.string("state_dir", "/var/lib/mta")
+    submit_socket = daemon.string("submit_socket", "/run/mta/submit.sock")
+    submit_group = daemon.string("submit_group", "")
     uids = daemon.get("allowed_uids", [])
     if not isinstance(uids, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in uids):
         raise ConfigError(f"daemon.allowed_uids: must be a list of numeric uids, not {uids!r}")
     if uids:
         pending.append("daemon.allowed_uids")
-    control_socket = daemon.str("control_socket", "/run/mta/control.sock")
+    control_socket = daemon.string("control_socket", "/run/mta/control.sock")
     daemon.finish()
 
     metrics = top.table("metrics")
-    metrics_listen = parse_hostport(metrics.str("listen", "127.0.0.1:9325"), "metrics.listen", 9325)
+    metrics_listen = parse_hostport(metrics.string("listen", "127.0.0.1:9325"), "metrics.listen", 9325)
     metrics.finish()
 
     listener = top.table("listener")
-    listener_listen = parse_hostport(listener.str("listen", "0.0.0.0:25"), "listener.listen", 25)
+    listener_listen = parse_hostport(listener.string("listen", "0.0.0.0:25"), "listener.listen", 25)
     fbl = listener.str_list("fbl_addresses", ["fbl@mlgnserv.com"])
-    unsub = listener.str("unsubscribe_local_part", "unsub")
+    unsub = listener.string("unsubscribe_local_part", "unsub")
     if not re.fullmatch(r"[a-z0-9]+", unsub):
         raise ConfigError(f"listener.unsubscribe_local_part: {unsub!r} must be lower-case letters and digits")
     listener.finish()
@@ -335,11 +335,11 @@ def parse_config(data: dict[str, Any], path: str = "<config>") -> Config:
 
     pol = top.table("policy")
     policy = Policy(
-        min_sample=pol.int("min_sample", 200, minimum=1),
+        min_sample=pol.integer("min_sample", 200, minimum=1),
         hard_bounce_warn=pol.fraction("hard_bounce_warn", 0.08),
         abuse_pause=pol.fraction("abuse_pause", 0.005),
         unsubscribe_pause=pol.fraction("unsubscribe_pause", 0.01),
-        notice_from=pol.str("notice_from", Policy.notice_from),
+        notice_from=pol.string("notice_from", Policy.notice_from),
     )
     pol.finish()
 
@@ -357,8 +357,8 @@ def parse_config(data: dict[str, Any], path: str = "<config>") -> Config:
     bo.finish()
 
     footer = top.table("footer")
-    footer_text = footer.str("text", "Email marketing by Mailigen")
-    footer_html = footer.str("html", '<p style="font-size:11px;color:#888">Email marketing by Mailigen</p>')
+    footer_text = footer.string("text", "Email marketing by Mailigen")
+    footer_html = footer.string("html", '<p style="font-size:11px;color:#888">Email marketing by Mailigen</p>')
     footer.finish()
     if "footer" in data:
         pending.append("footer")
@@ -372,25 +372,25 @@ def parse_config(data: dict[str, Any], path: str = "<config>") -> Config:
         daily = w.get("daily", [])
         if not isinstance(daily, list) or not all(isinstance(n, int) and n > 0 for n in daily):
             raise ConfigError(f"warmup[{i}].daily: must be a list of positive whole numbers, not {daily!r}")
-        warmups.append(Warmup(w.str("sending_domain", "", required=True), str(w.get("start", "")),
+        warmups.append(Warmup(w.string("sending_domain", "", required=True), str(w.get("start", "")),
                               tuple(daily)))
         w.finish()
     if warmups:
         pending.append("warmup")
 
     security = top.table("security")
-    token_key_file = security.str("token_key_file", "/etc/mta/token.key")
+    token_key_file = security.string("token_key_file", "/etc/mta/token.key")
     security.finish()
 
     privacy = top.table("privacy")
     retention = privacy.duration("retention", 30 * 86400.0)
-    audit_log = privacy.str("audit_log", "")
+    audit_log = privacy.string("audit_log", "")
     privacy.finish()
     if "privacy" in data:
         pending.append("privacy")
 
     cluster = top.table("cluster")
-    redis_url = cluster.str("redis_url", "")
+    redis_url = cluster.string("redis_url", "")
     cluster.finish()
     if redis_url:
         pending.append("cluster.redis_url")
@@ -406,9 +406,9 @@ def parse_config(data: dict[str, Any], path: str = "<config>") -> Config:
         pending.append("sending_domains.*.dkim")
 
     submit = top.table("submit")
-    max_line = submit.int("max_line_bytes", 64 * 1024 * 1024, minimum=1024)
-    max_rcpts = submit.int("max_recipients_per_job", 100_000, minimum=1)
-    max_size = submit.int("max_message_size", 10 * 1024 * 1024, minimum=1024)
+    max_line = submit.integer("max_line_bytes", 64 * 1024 * 1024, minimum=1024)
+    max_rcpts = submit.integer("max_recipients_per_job", 100_000, minimum=1)
+    max_size = submit.integer("max_message_size", 10 * 1024 * 1024, minimum=1024)
     submit.finish()
 
     raw_shaping = top.get("shaping", [])

@@ -130,9 +130,9 @@ class JsonLineServer:
                 line = await self._read_line(reader)
                 if line is None:
                     break
-                if not line.strip():
-                    continue
                 fut: asyncio.Future[dict[str, Any]]
+                if isinstance(line, bytes) and not line.strip():
+                    continue
                 if isinstance(line, Exception):
                     fut = asyncio.get_running_loop().create_future()
                     fut.set_result(error("malformed_request", str(line)))

@@ -13,6 +13,7 @@ octets of RFC 5321 §4.5.3.1.1.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ class TokenSigner:
             return None
         try:
             raw = base64.b32decode(text + "=" * (-len(text) % 8))
-        except (ValueError, base64.binascii.Error):
+        except (ValueError, binascii.Error):
             return None
         if len(raw) <= MAC_BYTES + 2:
             return None

@@ -233,7 +233,7 @@ class DaemonProcess:
 
     def start(self) -> None:
         self.starts += 1
-        log = open(self.config_path.parent / f"daemon-{self.starts}.log", "wb")
+        log = open(self.config_path.parent / f"daemon-{self.starts}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-m", "mta", "run", "--config", str(self.config_path)],
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         sock = load_config(self.config_path).submit_socket

@@ -57,7 +57,7 @@ class _Handler:
             n = sink.state.tries[address.lower()]
         local = address.lower()
         if local.startswith("hard"):
-            return "550 5.1.1 <%s>: Recipient address rejected: User unknown" % address
+            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
         if local.startswith("defer") and n <= sink.defer_times:
             return "451 4.3.0 Temporary failure, try again later"
         if local.startswith("rate") and n <= sink.defer_times:

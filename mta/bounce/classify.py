@@ -60,12 +60,10 @@ def classify_reply(reply: Reply) -> Classification:
         if pattern.search(reply.text):
             return Classification("soft", reason)
     if status:
-        reason = _BY_STATUS.get(status.split(".", 1)[1])
-        if reason is not None:
-            permanent = status.startswith("5")
-            if reason in HARD_REASONS and not permanent:
-                return Classification("soft", reason)
-            return Classification("hard" if reason in HARD_REASONS else "soft", reason)
+        by_status = _BY_STATUS.get(status.split(".", 1)[1])
+        if by_status is not None:
+            hard = by_status in HARD_REASONS and status.startswith("5")
+            return Classification("hard" if hard else "soft", by_status)
     for pattern, reason in _TEXT_RULES[1:]:
         if pattern.search(reply.text):
             hard = reason in HARD_REASONS and 500 <= reply.code < 600
