@@ -17,6 +17,7 @@ from typing import Any
 from . import metrics
 from .config import Config, ConfigError, load_config
 from .control.service import ControlService
+from .delivery.dkim import load_signers
 from .delivery.dns import MxResolver
 from .delivery.smtp import SmtpDispatcher, TemplateCache
 from .httpd import HttpEndpoint
@@ -54,6 +55,7 @@ class App:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"security.token_key_file: {exc}") from None
         self.signer = TokenSigner(key)
+        signers = load_signers(cfg.sending_domains)  # an unreadable key stops the start, before the spool opens
         self.spool = Spool(cfg.state_dir)
         self.spool.open(asyncio.get_running_loop())
         self.accounts = AccountBook(self.spool)
@@ -61,7 +63,8 @@ class App:
         self.results = Results(self.spool, cfg, self.signer.address_hash)
         self.scheduler = Scheduler(self.spool, self.results.record, self.accounts.is_held)
         self.resolver = MxResolver(cfg.nameservers, cfg.dns_static)
-        self.templates = TemplateCache(self.spool.template, self.signer, cfg)
+        self.templates = TemplateCache(self.spool.template, self.signer, cfg, dkim=signers,
+                                       footer_for=self._footer_for)
         self.dispatcher = SmtpDispatcher(cfg, self.templates)
         self.throttles = Throttles()
         self.ready = ReadyQueues(self.resolver, RuleBook(cfg.shaping), self.throttles, self.dispatcher,
@@ -93,6 +96,13 @@ class App:
         self._background.append(loop.create_task(self._housekeeping()))
 
     # -- running ----------------------------------------------------------------------
+    def _footer_for(self, account_id: str) -> tuple[str, str] | None:
+        """The provider footer, unless the account has the PRO package (--no-footer)."""
+        account = self.accounts.get(account_id)
+        if account is not None and account.no_footer:
+            return None
+        return self.config.footer_text, self.config.footer_html
+
     def _connections(self, sending_domain: str, provider: str, n: int) -> None:
         metrics.CONNECTIONS.labels(sending_domain, provider).set(n)
 
@@ -152,6 +162,7 @@ class App:
         """Re-read the config file; a bad one is refused and the old one stays (SPEC §3)."""
         try:
             new = load_config(self.config.path)
+            signers = load_signers(new.sending_domains)
         except ConfigError as exc:
             log.error("config_reload_refused", error=str(exc), path=self.config.path)
             return {"reloaded": False, "error": str(exc)}
@@ -160,7 +171,7 @@ class App:
         self.config = new
         self.results.config = new
         self.submit_service.config = new
-        self.dispatcher.reconfigure(new)
+        self.dispatcher.reconfigure(new, signers)
         self.ready.rules = RuleBook(new.shaping)
         self.resolver.static = new.dns_static
         log.info("config_reloaded", path=new.path, restart_needed_for=kept or None)

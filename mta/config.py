@@ -18,13 +18,11 @@ MANAGED_DOMAINS = ("mlgnserv.com", "mlgn2ca.com", "mlgn2usa.com", "mailgait.com"
 
 # Sections/keys accepted now but whose feature arrives with a later issue.
 NOT_YET: dict[str, str] = {
-    "footer": "provider footer",
     "warmup": "warm-up plans",
     "privacy": "retention and audit",
     "cluster.redis_url": "cluster mode",
     "listener": "bounce listener",
     "daemon.allowed_uids": "peer uid allow-list",
-    "sending_domains.*.dkim": "DKIM signing",
 }
 
 
@@ -360,8 +358,6 @@ def parse_config(data: dict[str, Any], path: str = "<config>") -> Config:
     footer_text = footer.string("text", "Email marketing by Mailigen")
     footer_html = footer.string("html", '<p style="font-size:11px;color:#888">Email marketing by Mailigen</p>')
     footer.finish()
-    if "footer" in data:
-        pending.append("footer")
 
     warmups: list[Warmup] = []
     raw_warmup = top.get("warmup", [])
@@ -402,8 +398,6 @@ def parse_config(data: dict[str, Any], path: str = "<config>") -> Config:
     sds_sec.finish()
     if not sending:
         raise ConfigError("sending_domains: at least one sending domain must be configured")
-    if any(sd.dkim for sd in sending.values()):
-        pending.append("sending_domains.*.dkim")
 
     submit = top.table("submit")
     max_line = submit.integer("max_line_bytes", 64 * 1024 * 1024, minimum=1024)

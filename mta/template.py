@@ -42,6 +42,19 @@ class Text:
             counts[name] = counts.get(name, 0) + 1
         return counts
 
+    def with_literal(self, literal: str, before: str = "") -> Text:
+        """A copy with literal text added at the end, or before the last `before` marker
+        (case-insensitive) when the text has one. The literal is never parsed for placeholders."""
+        out = Text(self.source)
+        last = out.parts[-1]
+        if before:
+            at = last.lower().rfind(before.lower())
+            if at >= 0:
+                out.parts[-1] = last[:at] + literal + last[at:]
+                return out
+        out.parts[-1] = last + literal
+        return out
+
     def __bool__(self) -> bool:
         return bool(self.source)
 

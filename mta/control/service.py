@@ -85,6 +85,7 @@ class ControlService:
     async def accounts_set(self, request: dict[str, Any]) -> Any:
         fields = {k: request.get(k) for k in ACCOUNT_FIELDS}
         account = await self.app.accounts.set(str(request["id"]), fields)
+        self.app.templates.clear()  # the footer setting is compiled into templates
         return account.view(time.time())
 
     def _account(self, request: dict[str, Any]) -> str:

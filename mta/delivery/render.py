@@ -28,6 +28,7 @@ from ..config import SendingDomain
 from ..template import Text, split_raw
 from ..tokens import BOUNCE, UNSUBSCRIBE, TokenSigner
 from ..types import Content, JobInfo, RecipientRow
+from .dkim import DkimSigner, sign
 
 CRLF = "\r\n"
 _NEEDS_ENCODING = re.compile(r"[^\x20-\x7e]")
@@ -79,9 +80,12 @@ class CompiledJob:
     """A job's content split into placeholders once; `render` fills it per recipient."""
 
     def __init__(self, job: JobInfo, content_blob: bytes, sending: SendingDomain, signer: TokenSigner,
-                 unsubscribe_local_part: str):
+                 unsubscribe_local_part: str, *, footer: tuple[str, str] | None = None,
+                 dkim: list[DkimSigner] | None = None):
         content = msgspec.json.decode(content_blob, type=Content)
         self.job = job
+        self.dkim = dkim or []
+        self.footer = footer
         self.sending = sending
         self.signer = signer
         self.unsub_local = unsubscribe_local_part
@@ -98,12 +102,36 @@ class CompiledJob:
             self.raw_has_date = re.search(r"(?m)^date:", lowered) is not None
             self.raw_has_msgid = re.search(r"(?m)^message-id:", lowered) is not None
             self.raw_has_to = re.search(r"(?m)^to:", lowered) is not None
+            self.raw_multipart = False
+            if footer is not None:
+                self._raw_footer(lowered, footer)
         else:
             self.from_ = Text(content.from_ or "")
             self.subject = Text(content.subject or "")
             self.text = Text(content.text) if content.text is not None else None
             self.html = Text(content.html) if content.html is not None else None
+            if footer is not None:
+                if self.text is not None:
+                    self.text = self.text.with_literal(f"\n\n{footer[0]}\n")
+                if self.html is not None:
+                    self.html = self.html.with_literal(footer[1], before="</body>")
             self.boundary = f"=_mta_{self.nonce}"
+
+    def _raw_footer(self, head: str, footer: tuple[str, str]) -> None:
+        """Footer for a raw message: appended to a plain single-part body here, or per
+        message through the email package when the raw message is multipart."""
+        ctype = re.search(r"(?m)^content-type:\s*([a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+)", head)
+        cte = re.search(r"(?m)^content-transfer-encoding:\s*([a-z0-9-]+)", head)
+        kind = ctype.group(1) if ctype else "text/plain"
+        if kind.startswith("multipart/"):
+            self.raw_multipart = True
+        elif (cte is None or cte.group(1) in ("7bit", "8bit")) and kind in ("text/plain", "text/html"):
+            if kind == "text/html":
+                self.raw_body = self.raw_body.with_literal(footer[1], before="</body>")
+            else:
+                self.raw_body = self.raw_body.with_literal(f"{CRLF}{CRLF}{footer[0]}{CRLF}")
+        else:  # an encoded single part: decode, append, re-encode
+            self.raw_multipart = True
 
     def _common_headers(self, row: RecipientRow, values: dict[str, str], *, date: bool, msgid: bool) -> list[str]:
         sd = self.sending
@@ -140,7 +168,10 @@ class CompiledJob:
             data = CRLF.join([*lines, head]) + CRLF + CRLF + self.raw_body.render(values)
             if not data.endswith(CRLF):
                 data += CRLF
-            return Rendered(self.return_path(row), data.encode("utf-8"), smtputf8)
+            wire = data.encode("utf-8")
+            if self.raw_multipart and self.footer is not None:
+                wire = footer_via_email(wire, self.footer)
+            return Rendered(self.return_path(row), sign(self.dkim, wire), smtputf8)
         lines = [
             f"From: {encode_address_header(self.from_.render(values))}",
             f"To: <{row.email}>",
@@ -168,4 +199,30 @@ class CompiledJob:
             data = CRLF.join(chunks)
         if not data.endswith(CRLF):
             data += CRLF
-        return Rendered(self.return_path(row), data.encode("utf-8"), smtputf8)
+        return Rendered(self.return_path(row), sign(self.dkim, data.encode("utf-8")), smtputf8)
+
+
+def footer_via_email(data: bytes, footer: tuple[str, str]) -> bytes:
+    """Add the footer to the first text/plain and text/html parts of a MIME message."""
+    import email
+    import email.policy
+
+    msg = email.message_from_bytes(data, policy=email.policy.SMTP)
+    done: set[str] = set()
+    for part in msg.walk():
+        ctype = part.get_content_type()
+        if ctype not in ("text/plain", "text/html") or ctype in done or part.is_attachment():
+            continue
+        try:
+            content = part.get_content()
+        except (LookupError, ValueError):
+            continue
+        if ctype == "text/plain":
+            content = content.rstrip("\n") + f"\n\n{footer[0]}\n"
+        else:
+            at = content.lower().rfind("</body>")
+            content = content[:at] + footer[1] + content[at:] if at >= 0 else content + footer[1]
+        part.set_content(content, subtype=ctype.split("/")[1], charset="utf-8",
+                         cte="quoted-printable")
+        done.add(ctype)
+    return msg.as_bytes(policy=email.policy.SMTP)

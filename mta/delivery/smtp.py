@@ -17,6 +17,7 @@ import aiosmtplib
 from ..config import Config, SendingDomain
 from ..tokens import TokenSigner
 from ..types import ConnectFailed, JobInfo, RecipientRow, Reply, Route
+from .dkim import DkimSigner
 from .render import CompiledJob
 
 _SOFT_LOST = "4.4.2 connection lost"
@@ -25,12 +26,20 @@ _SOFT_LOST = "4.4.2 connection lost"
 class TemplateCache:
     """Compiled job templates by job row; bounded, so a million-job spool stays small."""
 
-    def __init__(self, load: Callable[[int], bytes | None], signer: TokenSigner, config: Config, size: int = 512):
+    def __init__(self, load: Callable[[int], bytes | None], signer: TokenSigner, config: Config, *,
+                 dkim: dict[str, list[DkimSigner]] | None = None,
+                 footer_for: Callable[[str], tuple[str, str] | None] | None = None, size: int = 512):
         self._load = load
         self.signer = signer
         self.config = config
+        self.dkim = dkim or {}
+        self.footer_for = footer_for
         self._size = size
         self._cache: OrderedDict[int, CompiledJob] = OrderedDict()
+
+    def clear(self) -> None:
+        """Forget compiled jobs (after a reload or an account's footer setting changed)."""
+        self._cache.clear()
 
     def get(self, job: JobInfo) -> CompiledJob:
         compiled = self._cache.get(job.rowid)
@@ -41,7 +50,9 @@ class TemplateCache:
         if blob is None:
             raise LookupError(f"job {job.rowid} has no template in the spool")
         compiled = CompiledJob(job, blob, self.config.sending_domains[job.sending_domain], self.signer,
-                               self.config.unsubscribe_local_part)
+                               self.config.unsubscribe_local_part,
+                               footer=self.footer_for(job.account) if self.footer_for else None,
+                               dkim=self.dkim.get(job.sending_domain))
         self._cache[job.rowid] = compiled
         if len(self._cache) > self._size:
             self._cache.popitem(last=False)
@@ -118,9 +129,11 @@ class SmtpDispatcher:
         self.templates = templates
         self._source = itertools.count()
 
-    def reconfigure(self, config: Config) -> None:
+    def reconfigure(self, config: Config, dkim: dict[str, list[DkimSigner]]) -> None:
         self.config = config
         self.templates.config = config
+        self.templates.dkim = dkim
+        self.templates.clear()
 
     def _source_address(self, sending: SendingDomain, ip: str) -> tuple[str, int] | None:
         candidates = [s for s in sending.source_ips if (":" in s) == (":" in ip)]
