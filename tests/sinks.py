@@ -111,7 +111,8 @@ class _Controller(Controller):
 
 
 class Sink:
-    def __init__(self, host: str = "127.0.0.2", *, port: int = 0, defer_times: int = 1, stall: float = 1.0):
+    def __init__(self, host: str = "127.0.0.2", *, port: int = 0, defer_times: int = 1, stall: float = 1.0,
+                 smtputf8: bool = False):
         self.host = host
         self.port = port or free_port(host)
         self.defer_times = defer_times
@@ -119,7 +120,7 @@ class Sink:
         self.lock = threading.Lock()
         self.state = SinkState()
         self._controller = _Controller(self, hostname=host, port=self.port, server_hostname="sink.test",
-                                       ready_timeout=10)
+                                       ready_timeout=10, enable_SMTPUTF8=smtputf8)
 
     @property
     def addr(self) -> str:

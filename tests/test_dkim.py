@@ -11,11 +11,12 @@ import msgspec
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from dkim.canonicalization import Relaxed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mta.config import ConfigError, DkimKey, SendingDomain
-from mta.delivery.dkim import DkimSigner, load_signers, sign
+from mta.delivery.dkim import DkimSigner, load_signers, relaxed_body, sign
 from mta.delivery.render import CompiledJob
 from mta.tokens import TokenSigner
 from mta.types import Content, JobInfo, RecipientRow
@@ -83,6 +84,13 @@ def test_rendered_messages_always_verify(body: str) -> None:
                            footer=("Footer", "<p>Footer</p>"), dkim=SIGNERS)
     out = compiled.render(RecipientRow(1, info, 0, "ann@x.test", "x.test", {"name": "Ann"}, 0))
     assert verify_all(out.data) == [True, True]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b" ", b"  ", b"\t", b"\r\n", b"x y", b"\r\n\r\n", b" \r\n"]), max_size=30))
+def test_fast_relaxed_body_matches_dkimpy(pieces: list[bytes]) -> None:
+    body = b"".join(pieces)
+    assert relaxed_body(body) == Relaxed.canonicalize_body(body)
 
 
 def _write_key(path: Path) -> None:

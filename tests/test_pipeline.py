@@ -161,3 +161,18 @@ async def test_large_job_in_one_durable_write(daemon_factory: Any, sink: Sink) -
     assert d.app.spool.commits - commits < 50
     c: Client = await d.client()
     await c.close()
+
+
+async def test_idn_and_smtputf8(daemon_factory: Any, sink: Sink) -> None:
+    utf8 = Sink("127.0.0.7", smtputf8=True).start()
+    try:
+        d = await daemon_factory(static={"xn--bcher-kva.test": [sink.addr], "u.test": [utf8.addr]})
+        await d.account()
+        answer = await d.submit(job("idn", ["ok@bücher.test", "jörg@bücher.test", "jörg@u.test"]))
+        assert answer["accepted"] == 3
+        await wait_for(lambda: sink.delivered()["ok@xn--bcher-kva.test"] == 1, 20)  # IDNA A-label for DNS/SMTP
+        await wait_for(lambda: utf8.delivered()["jörg@u.test"] == 1, 20)  # SMTPUTF8 offered: delivered
+        bounced = (await poll_events(d, "bounced", 1))[0]  # not offered: a clear permanent failure
+        assert bounced["recipient"] == "jörg@xn--bcher-kva.test" and "5.6.7" in bounced["code"]
+    finally:
+        utf8.stop()
