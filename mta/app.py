@@ -66,7 +66,7 @@ class App:
         self.templates = TemplateCache(self.spool.template, self.signer, cfg, dkim=signers,
                                        footer_for=self._footer_for)
         self.dispatcher = SmtpDispatcher(cfg, self.templates)
-        self.throttles = Throttles()
+        self.throttles = Throttles(cfg.backoff)
         self.ready = ReadyQueues(self.resolver, RuleBook(cfg.shaping), self.throttles, self.dispatcher,
                                  self.scheduler, on_connections=self._connections)
         self.scheduler.router = self.ready
@@ -120,13 +120,21 @@ class App:
                 metrics.QUEUE_DEPTH.labels(state).set(n)
             metrics.PAUSED_ACCOUNTS.set(self.accounts.paused_count())
             metrics.SPOOL_BYTES.set(self.spool.size_bytes())
-            for limits in self.throttles.all():
-                metrics.THROTTLE_WAITS.labels(limits.sending_domain, limits.rule.provider).inc(limits.waits)
-                limits.waits = 0
+            self._throttle_metrics()
             self.notifier.notify(f"STATUS=queue ready={depth['ready']} deferred={depth['deferred']} "
                                  f"held={depth['held']}; delivered={self.results.counts['delivered']}")
 
+    def _throttle_metrics(self) -> None:
+        now = time.time()
+        for limits in self.throttles.all():
+            labels = (limits.sending_domain, limits.rule.provider)
+            metrics.THROTTLE_WAITS.labels(*labels).inc(limits.waits)
+            limits.waits = 0
+            metrics.THROTTLE_RATE.labels(*labels).set(limits.current_rate or 0)
+            metrics.THROTTLE_SUSPENDED.labels(*labels).set(limits.backoff.wait(now))
+
     def _metrics(self) -> tuple[int, str, bytes]:
+        self._throttle_metrics()
         for state, n in self.scheduler.depth().items():
             metrics.QUEUE_DEPTH.labels(state).set(n)
         metrics.PAUSED_ACCOUNTS.set(self.accounts.paused_count())
@@ -154,6 +162,7 @@ class App:
             "spool": {"bytes": self.spool.size_bytes(), "disk_free_bytes": disk_free,
                       "commits": self.spool.commits, "error": self.spool.last_error or None},
             "connections": self.ready.stats(), "paused_accounts": paused,
+            "throttles": [t.state(time.time()) for t in self.throttles.all()],
             "accounts": len(self.accounts.accounts),
             "not_yet_in_effect": list(self.config.not_yet_in_effect),
         }
@@ -173,6 +182,7 @@ class App:
         self.submit_service.config = new
         self.dispatcher.reconfigure(new, signers)
         self.ready.rules = RuleBook(new.shaping)
+        self.throttles.backoff = new.backoff
         self.resolver.static = new.dns_static
         log.info("config_reloaded", path=new.path, restart_needed_for=kept or None)
         return {"reloaded": True, "restart_needed_for": kept}

@@ -30,6 +30,12 @@ LATENCY = Histogram("mta_delivery_latency_seconds", "Time of one SMTP transactio
 PAUSED_ACCOUNTS = Gauge("mta_paused_accounts", "Accounts currently paused", registry=REGISTRY)
 THROTTLE_WAITS = Counter("mta_throttle_waits", "Times a sender waited for a rate limit",
                          ["sending_domain", "provider"], registry=REGISTRY)
+BACKOFF = Counter("mta_backoff_decisions", "Adaptive backoff decisions (cut, suspend)",
+                  ["sending_domain", "provider", "decision"], registry=REGISTRY)
+THROTTLE_RATE = Gauge("mta_throttle_rate", "Current allowed message rate per second (0: unthrottled)",
+                      ["sending_domain", "provider"], registry=REGISTRY)
+THROTTLE_SUSPENDED = Gauge("mta_throttle_suspended_seconds", "Seconds until a suspended provider is tried again",
+                           ["sending_domain", "provider"], registry=REGISTRY)
 SPOOL_BYTES = Gauge("mta_spool_bytes", "Size of the spool database files", registry=REGISTRY)
 EVENTS = Counter("mta_events", "Events appended to the feed", ["type"], registry=REGISTRY)
 DNS_LOOKUPS = Counter("mta_dns_cache", "MX resolutions by cache result", ["result"], registry=REGISTRY)

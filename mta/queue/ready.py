@@ -17,12 +17,15 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+from .. import metrics
+from ..logs import get as get_logger
 from ..throttle.limits import ProviderLimits, Throttles
 from ..throttle.shaping import RuleBook
 from ..types import ConnectFailed, Outcome, RecipientRow, Reply, Route
 from .scheduler import ScheduledQueue, Scheduler
 
 log = logging.getLogger("mta.ready")
+decisions_log = get_logger("mta.throttle")
 # Close a connection rather than hold it through a throttle wait longer than this.
 IDLE_CLOSE = 2.0
 
@@ -126,6 +129,7 @@ class ReadyQueue:
                     try:
                         session = await self.dispatcher.connect(self.route, self.sending_domain)
                     except ConnectFailed as exc:
+                        self._observe(exc.reply)
                         self._connect_failed(row, exc.reply)
                         break
                     self.sessions += 1
@@ -134,6 +138,7 @@ class ReadyQueue:
                 started = time.monotonic()
                 reply = await session.deliver(row)
                 sent += 1
+                self._observe(reply)
                 self.scheduler.settle(row, outcome_of(reply), reply, self.provider,
                                       latency=time.monotonic() - started)
                 if not session.usable:
@@ -148,6 +153,19 @@ class ReadyQueue:
             self.limits.close_connection()
             if self.sqs and self.workers == 0 and not self.scheduler.draining:
                 self.kick()
+
+    def _observe(self, reply: Reply) -> None:
+        """Adaptive backoff: every reply is shown to the throttle; decisions are logged and counted."""
+        if 200 <= reply.code < 300:
+            return
+        decision = self.limits.observe(reply, self.clock())
+        if decision is not None:
+            metrics.BACKOFF.labels(self.sending_domain, self.provider, decision).inc()
+            state = self.limits.state(self.clock()) if hasattr(self.limits, "state") else {}
+            decisions_log.warning("backoff", decision=decision, sending_domain=self.sending_domain,
+                                  provider=self.provider, reply=reply.line()[:200],
+                                  rate=state.get("current_rate"), fraction=state.get("fraction"),
+                                  suspended_for=state.get("suspended_for"))
 
     async def _close(self, session: Session) -> None:
         self.sessions -= 1

@@ -9,12 +9,19 @@ scripts, so the ready queues never know which one they have.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+from ..config import Backoff as BackoffConfig
 from ..config import ShapingRule
+from ..types import Reply
+from .backoff import Backoff, classify
 from .gcra import Gcra, default_burst
+
+# A provider without max_rate that answers "slow down" gets this as the rate to cut from.
+UNTHROTTLED_BASE = 50.0
 
 
 class ProviderLimits(Protocol):
@@ -22,6 +29,7 @@ class ProviderLimits(Protocol):
     rule: ShapingRule
 
     def acquire(self, now: float) -> float: ...
+    def observe(self, reply: Reply, now: float) -> str | None: ...
     def open_connection(self) -> bool: ...
     def close_connection(self) -> None: ...
     def wait_for_connection(self, wake: Callable[[], None]) -> None: ...
@@ -30,9 +38,11 @@ class ProviderLimits(Protocol):
 
 
 class LocalLimits:
-    def __init__(self, sending_domain: str, rule: ShapingRule):
+    def __init__(self, sending_domain: str, rule: ShapingRule, backoff: BackoffConfig | None = None):
         self.sending_domain = sending_domain
         self.rule = rule
+        cfg = backoff or BackoffConfig()
+        self.backoff = Backoff(min_fraction=cfg.min_rate_fraction, hold=cfg.hold, recovery_step=cfg.recovery_step)
         self.gcra = Gcra(rule.max_rate, default_burst(rule.max_rate)) if rule.max_rate else None
         self._connections = 0
         self._waiting: deque[Callable[[], None]] = deque()
@@ -42,7 +52,34 @@ class LocalLimits:
     def connections(self) -> int:
         return self._connections
 
+    @property
+    def current_rate(self) -> float | None:
+        return self.gcra.rate if self.gcra is not None else None
+
+    @property
+    def max_connections(self) -> int:
+        """The rule's connections, scaled down with the backoff fraction (at least one)."""
+        return max(1, math.ceil(self.rule.max_connections * self.backoff.fraction))
+
+    def _apply_fraction(self) -> None:
+        base = self.rule.max_rate or UNTHROTTLED_BASE
+        if self.backoff.fraction >= 1.0 and not self.rule.max_rate:
+            self.gcra = None  # fully recovered: unthrottled again
+            return
+        rate = base * self.backoff.fraction
+        if self.gcra is None:
+            self.gcra = Gcra(rate, default_burst(rate))
+        else:
+            self.gcra.set_rate(rate)
+            self.gcra.burst = default_burst(rate)
+
     def acquire(self, now: float) -> float:
+        if self.backoff.recover(now):
+            self._apply_fraction()
+        suspended = self.backoff.wait(now)
+        if suspended:
+            self.waits += 1
+            return suspended
         if self.gcra is None:
             return 0.0
         delay = self.gcra.acquire(now)
@@ -50,8 +87,22 @@ class LocalLimits:
             self.waits += 1
         return delay
 
+    def observe(self, reply: Reply, now: float) -> str | None:
+        """Feed a receiver's reply to adaptive backoff; returns the decision taken, if any."""
+        decision = self.backoff.observe(classify(reply), now)
+        if decision is not None:
+            self._apply_fraction()
+        return decision
+
+    def state(self, now: float) -> dict[str, object]:
+        return {"sending_domain": self.sending_domain, "provider": self.rule.provider,
+                "max_rate": self.rule.max_rate, "current_rate": self.current_rate,
+                "fraction": round(self.backoff.fraction, 3), "suspended_for": round(self.backoff.wait(now), 1),
+                "connections": self._connections, "max_connections": self.max_connections,
+                "decisions": self.backoff.decisions}
+
     def open_connection(self) -> bool:
-        if self._connections >= self.rule.max_connections:
+        if self._connections >= self.max_connections:
             return False
         self._connections += 1
         return True
@@ -59,7 +110,7 @@ class LocalLimits:
     def close_connection(self) -> None:
         self._connections = max(0, self._connections - 1)
         # A freed slot goes to a ready queue that waited for one (FIFO: fair between sites).
-        while self._waiting and self._connections < self.rule.max_connections:
+        while self._waiting and self._connections < self.max_connections:
             self._waiting.popleft()()
 
     def wait_for_connection(self, wake: Callable[[], None]) -> None:
@@ -70,17 +121,21 @@ class LocalLimits:
 class Throttles:
     """Registry of limits, one per (sending domain, provider)."""
 
-    def __init__(self) -> None:
+    def __init__(self, backoff: BackoffConfig | None = None) -> None:
+        self.backoff = backoff or BackoffConfig()
         self._limits: dict[tuple[str, str], LocalLimits] = {}
 
     def get(self, sending_domain: str, rule: ShapingRule) -> LocalLimits:
         key = (sending_domain, rule.provider)
         limits = self._limits.get(key)
         if limits is None or limits.rule != rule:
-            fresh = LocalLimits(sending_domain, rule)
-            if limits is not None:  # a reload changed the rule: keep the live counts
+            fresh = LocalLimits(sending_domain, rule, self.backoff)
+            if limits is not None:  # a reload changed the rule: keep the live counts and backoff
                 fresh._connections = limits._connections
                 fresh._waiting = limits._waiting
+                fresh.backoff = limits.backoff
+                if limits.backoff.fraction < 1.0:
+                    fresh._apply_fraction()
             self._limits[key] = limits = fresh
         return limits
 
