@@ -14,6 +14,8 @@ import signal
 import time
 from typing import Any
 
+import msgspec
+
 from . import metrics
 from .config import Config, ConfigError, load_config
 from .control.service import ControlService
@@ -27,12 +29,13 @@ from .logs import setup as setup_logs
 from .policy.accounts import AccountBook
 from .queue.ready import ReadyQueues
 from .queue.scheduler import Scheduler
-from .queue.spool import Spool
+from .queue.spool import Spool, put_kv
 from .results import Results
 from .sdnotify import Notifier
 from .submit.service import SubmitService
 from .throttle.limits import Throttles
 from .throttle.shaping import RuleBook
+from .throttle.warmup import WarmupCounter
 from .tokens import TokenSigner, load_key
 
 log = get_logger("mta.app")
@@ -46,6 +49,8 @@ class App:
         self.notifier = Notifier()
         self.stopping = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
+        self._warmup_dirty: dict[str, WarmupCounter] = {}
+        self._warmup_handle: asyncio.TimerHandle | None = None
 
     # -- start ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -66,7 +71,7 @@ class App:
         self.templates = TemplateCache(self.spool.template, self.signer, cfg, dkim=signers,
                                        footer_for=self._footer_for)
         self.dispatcher = SmtpDispatcher(cfg, self.templates)
-        self.throttles = Throttles(cfg.backoff)
+        self.throttles = Throttles(cfg.backoff, self._warmups(cfg))
         self.ready = ReadyQueues(self.resolver, RuleBook(cfg.shaping), self.throttles, self.dispatcher,
                                  self.scheduler, on_connections=self._connections)
         self.scheduler.router = self.ready
@@ -94,6 +99,32 @@ class App:
         if self.notifier.watchdog_interval:
             self._background.append(loop.create_task(self._watchdog()))
         self._background.append(loop.create_task(self._housekeeping()))
+
+    def _warmups(self, cfg: Config) -> dict[str, WarmupCounter]:
+        """Warm-up counters per sending domain, with today's count restored from the spool."""
+        out: dict[str, WarmupCounter] = {}
+        for plan in cfg.warmup:
+            counter = WarmupCounter.of(plan)
+            saved = self.spool.kv(f"warmup:{plan.sending_domain}")
+            if saved is not None:
+                state = msgspec.json.decode(saved)
+                counter.day, counter.sent = float(state["day"]), int(state["sent"])
+            counter.on_change = self._warmup_changed
+            out[plan.sending_domain] = counter
+        return out
+
+    def _warmup_changed(self, counter: WarmupCounter) -> None:
+        # Persisted at most once a second: a crash can forget the last second's count, which
+        # only lets that many more messages out on the same day.
+        self._warmup_dirty[counter.plan.sending_domain] = counter
+        if self._warmup_handle is None:
+            self._warmup_handle = asyncio.get_running_loop().call_later(1.0, self._save_warmups)
+
+    def _save_warmups(self) -> None:
+        self._warmup_handle = None
+        dirty, self._warmup_dirty = self._warmup_dirty, {}
+        for sd, counter in dirty.items():
+            self.spool.post(put_kv, f"warmup:{sd}", msgspec.json.encode({"day": counter.day, "sent": counter.sent}))
 
     # -- running ----------------------------------------------------------------------
     def _footer_for(self, account_id: str) -> tuple[str, str] | None:
@@ -183,6 +214,8 @@ class App:
         self.dispatcher.reconfigure(new, signers)
         self.ready.rules = RuleBook(new.shaping)
         self.throttles.backoff = new.backoff
+        known = self.throttles.warmups
+        self.throttles.warmups = {sd: known.get(sd) or c for sd, c in self._warmups(new).items()}
         self.resolver.static = new.dns_static
         log.info("config_reloaded", path=new.path, restart_needed_for=kept or None)
         return {"reloaded": True, "restart_needed_for": kept}
@@ -195,6 +228,8 @@ class App:
         self.submit_server.accepting = False
         self.scheduler.draining = True
         await self.submit_server.close()
+        for rq in self.ready.queues.values():
+            rq.stop_waiting()
         deadline = time.monotonic() + DRAIN_DEADLINE
         while any(rq.workers for rq in self.ready.queues.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -204,6 +239,7 @@ class App:
         await self.control_server.close()
         await self.http.close()
         self.results.flush()
+        self._save_warmups()
         self.spool.close()
         metrics.UP.set(0)
         log.info("stopped")

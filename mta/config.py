@@ -18,7 +18,6 @@ MANAGED_DOMAINS = ("mlgnserv.com", "mlgn2ca.com", "mlgn2usa.com", "mailgait.com"
 
 # Sections/keys accepted now but whose feature arrives with a later issue.
 NOT_YET: dict[str, str] = {
-    "warmup": "warm-up plans",
     "privacy": "retention and audit",
     "cluster.redis_url": "cluster mode",
     "listener": "bounce listener",
@@ -371,8 +370,6 @@ def parse_config(data: dict[str, Any], path: str = "<config>") -> Config:
         warmups.append(Warmup(w.string("sending_domain", "", required=True), str(w.get("start", "")),
                               tuple(daily)))
         w.finish()
-    if warmups:
-        pending.append("warmup")
 
     security = top.table("security")
     token_key_file = security.string("token_key_file", "/etc/mta/token.key")

@@ -64,9 +64,11 @@ class Account(msgspec.Struct):
 
     def view(self, now: float) -> dict[str, Any]:
         """What `mta accounts show --json` prints (SPEC §2)."""
+        this_month = datetime.fromtimestamp(now, UTC).strftime("%Y-%m")
         return {
             "id": self.id, "plan": self.plan, "status": self.status, "pause_reason": self.pause_reason,
-            "subscribers": self.subscribers, "sent_this_month": self.sent_this_month,
+            "subscribers": self.subscribers,
+            "sent_this_month": self.sent_this_month if self.month == this_month else 0,
             "monthly_cap": self.monthly_cap, "hard_bounce_threshold": self.threshold(now),
             "notify": self.notify, "created": self.created, "credits": self.credits,
             "footer": not self.no_footer, "sent_total": self.sent_total,
@@ -95,7 +97,10 @@ class AccountBook:
 
     def is_held(self, account_id: str) -> bool:
         account = self.accounts.get(account_id)
-        return account is None or account.status != "active"
+        if account is None or account.status != "active":
+            return True
+        # SPEC §1: no sending once the 30-day trial is over; the mail waits, it is not dropped
+        return account.plan == "trial" and account.age_days(self.clock()) >= 30
 
     def paused_count(self) -> int:
         return sum(1 for a in self.accounts.values() if a.status == "paused")
@@ -140,6 +145,10 @@ class AccountBook:
         if old_status != "active" and status == "active":
             self._released(account_id)
         return changed
+
+    def replace(self, account: Account) -> None:
+        """Swap the in-memory account (quota taken at submission; the spool write follows)."""
+        self.accounts[account.id] = account
 
     def _status_event(self, account: Account, old: str, extra: dict[str, Any] | None = None
                       ) -> tuple[float, str, str | None, bytes]:

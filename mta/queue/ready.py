@@ -68,6 +68,7 @@ class ReadyQueue:
         self.sqs: deque[ScheduledQueue] = deque()
         self.workers = 0
         self.sessions = 0  # workers holding an open session
+        self.waiting: set[asyncio.Task[None]] = set()  # workers asleep on a throttle (safe to cancel)
 
     # -- work ---------------------------------------------------------------------
     def offer(self, sq: ScheduledQueue) -> None:
@@ -117,7 +118,7 @@ class ReadyQueue:
                     if session is not None and delay > IDLE_CLOSE:
                         await self._close(session)
                         session = None
-                    await asyncio.sleep(delay)
+                    await self._sleep(delay)
                     continue
                 row = self._next_row()
                 if row is None:
@@ -144,6 +145,8 @@ class ReadyQueue:
                 if not session.usable:
                     await self._close(session)
                     session = None
+        except asyncio.CancelledError:
+            pass  # drained while waiting for a throttle
         except Exception:
             log.exception("ready queue worker failed for %s", self.key)
         finally:
@@ -153,6 +156,20 @@ class ReadyQueue:
             self.limits.close_connection()
             if self.sqs and self.workers == 0 and not self.scheduler.draining:
                 self.kick()
+
+    async def _sleep(self, delay: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.waiting.add(task)
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self.waiting.discard(task)
+
+    def stop_waiting(self) -> None:
+        """On drain: workers asleep on a throttle hold no transaction, so they simply end."""
+        for task in list(self.waiting):
+            task.cancel()
 
     def _observe(self, reply: Reply) -> None:
         """Adaptive backoff: every reply is shown to the throttle; decisions are logged and counted."""

@@ -355,7 +355,8 @@ def put_kv(conn: sqlite3.Connection, key: str, value: bytes) -> None:
 def insert_job(conn: sqlite3.Connection, account: str, job_id: str, campaign: str, sending_domain: str,
                digest: bytes, template: bytes, answer: bytes, created: float,
                rows: list[tuple[int, str, str, bytes, str]],
-               event: tuple[float, str, str | None, bytes]) -> tuple[str, int, int, bytes, bytes]:
+               event: tuple[float, str, str | None, bytes],
+               account_row: bytes | None = None) -> tuple[str, int, int, bytes, bytes]:
     """Store a job once plus a row per recipient. Returns ("new", job row, first recipient row,
     b"", b"") or ("exists", 0, 0, digest, answer) when (account, job_id) was taken first."""
     found = conn.execute("SELECT digest, answer FROM jobs WHERE account = ? AND job_id = ?",
@@ -373,4 +374,6 @@ def insert_job(conn: sqlite3.Connection, account: str, job_id: str, campaign: st
                      [(job_row, idx, email, domain, vars_, rhash) for idx, email, domain, vars_, rhash in rows])
     last = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
     conn.execute("INSERT INTO events (time, type, account, body) VALUES (?, ?, ?, ?)", event)
+    if account_row is not None:  # the quota counters move in the same transaction as the job
+        put_account(conn, account, account_row)
     return ("new", job_row, last - len(rows) + 1 if rows else 0, b"", b"")

@@ -19,6 +19,7 @@ from ..events import event_row
 from ..events import read as read_events
 from ..jsonlines import Peer, error
 from ..policy.accounts import AccountBook
+from ..policy.quota import allowance, consume, trial_expired
 from ..queue.scheduler import Scheduler
 from ..queue.spool import Spool, SpoolUnavailable, append_events, insert_job
 from ..types import JobInfo
@@ -102,6 +103,10 @@ class SubmitService:
                          job_id=job.job_id)
         if account.status == "suspended":
             return error("account_suspended", f"account {job.account} is suspended", job_id=job.job_id)
+        now = self.clock()
+        if trial_expired(account, now):
+            return error("trial_expired", f"the 30-day trial of {job.account} is over (since {account.created})",
+                         job_id=job.job_id)
         sending_domain = job.sending_domain.lower()
         if sending_domain not in self.config.sending_domains:
             return error("unmanaged_sending_domain",
@@ -113,10 +118,15 @@ class SubmitService:
                                digest=digest)
         except Refused as exc:
             return error(exc.code, exc.message, job_id=job.job_id)
+        fits = allowance(account, now)
+        if len(prepared.rows) > fits:
+            return error("quota_exceeded", f"{len(prepared.rows)} recipients; {fits} would have fitted in the "
+                         f"account's quota ({account.plan} plan)", job_id=job.job_id, fits=fits)
+        charged = consume(account, len(prepared.rows), now)
+        self.accounts.replace(charged)  # taken now: a pipelined job cannot pass the same check
         answer: dict[str, Any] = {"ok": True, "job_id": job.job_id, "accepted": len(prepared.rows),
                                   "rejected": prepared.rejected}
         answer_blob = _encode(answer)
-        now = self.clock()
         campaign = job.campaign or job.job_id
         event = event_row("accepted", job.account, {"campaign": campaign, "job_id": job.job_id,
                                                     "recipients": len(prepared.rows),
@@ -124,10 +134,12 @@ class SubmitService:
         try:
             status, job_row, first, old_digest, old_answer = await self.spool.transact(
                 insert_job, job.account, job.job_id, campaign, sending_domain, prepared.digest,
-                _encode(prepared.content), answer_blob, now, prepared.rows, event)
+                _encode(prepared.content), answer_blob, now, prepared.rows, event, _encode(charged))
         except SpoolUnavailable as exc:
+            self._give_back(job.account, len(prepared.rows), now)
             return error("unavailable", f"{exc}; retry later", job_id=job.job_id)
         if status == "exists":  # the same job_id won a race inside one group commit
+            self._give_back(job.account, len(prepared.rows), now)
             return self._replay(job.job_id, digest, old_digest, old_answer)
         info = JobInfo(job_row, job.account, job.job_id, campaign, sending_domain, now)
         self.scheduler.add(info, ((first + i, row[2]) for i, row in enumerate(prepared.rows)))
@@ -136,6 +148,11 @@ class SubmitService:
         for rejection in prepared.rejected:
             metrics.REJECTED_RECIPIENTS.labels(str(rejection["code"])).inc()
         return answer
+
+    def _give_back(self, account_id: str, n: int, now: float) -> None:
+        current = self.accounts.get(account_id)
+        if current is not None:
+            self.accounts.replace(consume(current, -n, now))
 
     @staticmethod
     def _replay(job_id: str, digest: bytes, old_digest: bytes, old_answer: bytes) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from ..config import ShapingRule
 from ..types import Reply
 from .backoff import Backoff, classify
 from .gcra import Gcra, default_burst
+from .warmup import WarmupCounter
 
 # A provider without max_rate that answers "slow down" gets this as the rate to cut from.
 UNTHROTTLED_BASE = 50.0
@@ -38,9 +39,11 @@ class ProviderLimits(Protocol):
 
 
 class LocalLimits:
-    def __init__(self, sending_domain: str, rule: ShapingRule, backoff: BackoffConfig | None = None):
+    def __init__(self, sending_domain: str, rule: ShapingRule, backoff: BackoffConfig | None = None,
+                 warmup: WarmupCounter | None = None):
         self.sending_domain = sending_domain
         self.rule = rule
+        self.warmup = warmup
         cfg = backoff or BackoffConfig()
         self.backoff = Backoff(min_fraction=cfg.min_rate_fraction, hold=cfg.hold, recovery_step=cfg.recovery_step)
         self.gcra = Gcra(rule.max_rate, default_burst(rule.max_rate)) if rule.max_rate else None
@@ -80,12 +83,19 @@ class LocalLimits:
         if suspended:
             self.waits += 1
             return suspended
-        if self.gcra is None:
-            return 0.0
-        delay = self.gcra.acquire(now)
-        if delay:
-            self.waits += 1
-        return delay
+        if self.gcra is not None:
+            delay = self.gcra.peek(now)
+            if delay:
+                self.waits += 1
+                return delay
+        if self.warmup is not None:
+            delay = self.warmup.acquire(now)
+            if delay:
+                self.waits += 1
+                return delay
+        if self.gcra is not None:
+            self.gcra.acquire(now)  # peeked free above; the loop thread owns this state
+        return 0.0
 
     def observe(self, reply: Reply, now: float) -> str | None:
         """Feed a receiver's reply to adaptive backoff; returns the decision taken, if any."""
@@ -121,15 +131,17 @@ class LocalLimits:
 class Throttles:
     """Registry of limits, one per (sending domain, provider)."""
 
-    def __init__(self, backoff: BackoffConfig | None = None) -> None:
+    def __init__(self, backoff: BackoffConfig | None = None,
+                 warmups: dict[str, WarmupCounter] | None = None) -> None:
         self.backoff = backoff or BackoffConfig()
+        self.warmups = warmups or {}  # per sending domain, shared by all its providers
         self._limits: dict[tuple[str, str], LocalLimits] = {}
 
     def get(self, sending_domain: str, rule: ShapingRule) -> LocalLimits:
         key = (sending_domain, rule.provider)
         limits = self._limits.get(key)
         if limits is None or limits.rule != rule:
-            fresh = LocalLimits(sending_domain, rule, self.backoff)
+            fresh = LocalLimits(sending_domain, rule, self.backoff, self.warmups.get(sending_domain))
             if limits is not None:  # a reload changed the rule: keep the live counts and backoff
                 fresh._connections = limits._connections
                 fresh._waiting = limits._waiting
