@@ -10,7 +10,6 @@ scripts, so the ready queues never know which one they have.
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -48,7 +47,9 @@ class LocalLimits:
         self.backoff = Backoff(min_fraction=cfg.min_rate_fraction, hold=cfg.hold, recovery_step=cfg.recovery_step)
         self.gcra = Gcra(rule.max_rate, default_burst(rule.max_rate)) if rule.max_rate else None
         self._connections = 0
-        self._waiting: deque[Callable[[], None]] = deque()
+        # ready queues waiting for a connection slot, in arrival order (a dict as an ordered set:
+        # O(1) membership, which matters with thousands of destination sites)
+        self._waiting: dict[Callable[[], None], None] = {}
         self.waits = 0  # how often a sender had to wait for the rate (metrics)
 
     @property
@@ -121,11 +122,12 @@ class LocalLimits:
         self._connections = max(0, self._connections - 1)
         # A freed slot goes to a ready queue that waited for one (FIFO: fair between sites).
         while self._waiting and self._connections < self.max_connections:
-            self._waiting.popleft()()
+            wake = next(iter(self._waiting))
+            del self._waiting[wake]
+            wake()
 
     def wait_for_connection(self, wake: Callable[[], None]) -> None:
-        if wake not in self._waiting:
-            self._waiting.append(wake)
+        self._waiting.setdefault(wake, None)
 
 
 class Throttles:
