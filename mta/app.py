@@ -150,7 +150,7 @@ class App:
             for state, n in depth.items():
                 metrics.QUEUE_DEPTH.labels(state).set(n)
             metrics.PAUSED_ACCOUNTS.set(self.accounts.paused_count())
-            metrics.SPOOL_BYTES.set(self.spool.size_bytes())
+            self._disk_metrics()
             self._throttle_metrics()
             self.notifier.notify(f"STATUS=queue ready={depth['ready']} deferred={depth['deferred']} "
                                  f"held={depth['held']}; delivered={self.results.counts['delivered']}")
@@ -164,8 +164,18 @@ class App:
             metrics.THROTTLE_RATE.labels(*labels).set(limits.current_rate or 0)
             metrics.THROTTLE_SUSPENDED.labels(*labels).set(limits.backoff.wait(now))
 
+    def _disk_metrics(self) -> None:
+        try:
+            usage = shutil.disk_usage(self.config.state_dir)
+        except OSError:
+            return
+        metrics.DISK_FREE.set(usage.free)
+        metrics.DISK_SIZE.set(usage.total)
+        metrics.SPOOL_BYTES.set(self.spool.size_bytes())
+
     def _metrics(self) -> tuple[int, str, bytes]:
         self._throttle_metrics()
+        self._disk_metrics()
         for state, n in self.scheduler.depth().items():
             metrics.QUEUE_DEPTH.labels(state).set(n)
         metrics.PAUSED_ACCOUNTS.set(self.accounts.paused_count())

@@ -4,9 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the tests use for real (not mocked): dnsmasq as the DNS server.
+# System packages the tests use for real (not mocked): dnsmasq as the DNS server,
+# promtool and prometheus for the alert rules and a scrape, systemd-analyze for the unit.
 missing=()
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)       # promtool and a real Prometheus
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)   # systemd-analyze verify
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   echo "installing ${missing[*]} (apt-get)"

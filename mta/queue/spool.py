@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from .. import metrics
 from ..types import JobInfo, State
 
 log = logging.getLogger("mta.spool")
@@ -213,6 +214,7 @@ class Spool:
             # Nothing of this batch is durable: waiters are told so (submit answers
             # `unavailable`); unwaited marks are lost, which can only cause a resend.
             self.last_error = str(exc)
+            metrics.SPOOL_ERRORS.inc()
             log.error("spool commit failed: %s", exc)
             try:
                 conn.execute("ROLLBACK")
