@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from . import metrics
+from .accounting import AccountingLog
 from .config import Config, ConfigError, load_config
 from .control.service import ControlService
 from .delivery.dkim import load_signers
@@ -50,6 +51,7 @@ class App:
         self.stopping = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._warmup_dirty: dict[str, WarmupCounter] = {}
+        self._rate_samples: list[tuple[float, int]] = []  # (time, finished deliveries) every 5 s
         self._warmup_handle: asyncio.TimerHandle | None = None
 
     # -- start ------------------------------------------------------------------------
@@ -65,7 +67,8 @@ class App:
         self.spool.open(asyncio.get_running_loop())
         self.accounts = AccountBook(self.spool)
         self.accounts.load()
-        self.results = Results(self.spool, cfg, self.signer.address_hash)
+        self.accounting = AccountingLog(os.path.join(cfg.state_dir, "accounting"))
+        self.results = Results(self.spool, cfg, self.signer.address_hash, accounting=self.accounting)
         self.scheduler = Scheduler(self.spool, self.results.record, self.accounts.is_held)
         self.resolver = MxResolver(cfg.nameservers, cfg.dns_static)
         self.templates = TemplateCache(self.spool.template, self.signer, cfg, dkim=signers,
@@ -147,6 +150,7 @@ class App:
         while True:
             await asyncio.sleep(5)
             depth = self.scheduler.depth()
+            self._rate_samples = [*self._rate_samples[-12:], (time.monotonic(), self._finished())]
             for state, n in depth.items():
                 metrics.QUEUE_DEPTH.labels(state).set(n)
             metrics.PAUSED_ACCOUNTS.set(self.accounts.paused_count())
@@ -188,6 +192,18 @@ class App:
             return 503, "text/plain", f"spool: {self.spool.last_error}\n".encode()
         return 200, "text/plain", b"ok\n"
 
+    def _finished(self) -> int:
+        c = self.results.counts
+        return c["delivered"] + c["bounced"] + c["expired"]
+
+    def _rate_per_minute(self) -> float:
+        """Finished deliveries per minute over the last minute (sampled every 5 s)."""
+        if not self._rate_samples:
+            return 0.0
+        t0, n0 = self._rate_samples[0]
+        elapsed = time.monotonic() - t0
+        return 60.0 * (self._finished() - n0) / elapsed if elapsed > 0 else 0.0
+
     def status(self) -> dict[str, Any]:
         depth = self.scheduler.depth()
         try:
@@ -200,6 +216,7 @@ class App:
         return {
             "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
             "queue": depth, "totals": dict(self.results.counts),
+            "rate_per_minute": round(self._rate_per_minute(), 1),
             "spool": {"bytes": self.spool.size_bytes(), "disk_free_bytes": disk_free,
                       "commits": self.spool.commits, "error": self.spool.last_error or None},
             "connections": self.ready.stats(), "paused_accounts": paused,
@@ -251,6 +268,7 @@ class App:
         self.results.flush()
         self._save_warmups()
         self.spool.close()
+        self.accounting.close()
         metrics.UP.set(0)
         log.info("stopped")
 

@@ -139,12 +139,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         q, t = s["queue"], s["totals"]
         c.print(f"[bold]mta[/bold] pid {s['pid']} up {s['uptime_s']:.0f}s  accounts {s['accounts']}")
         c.print(f"queue: ready {q['ready']}  deferred {q['deferred']}  held {q['held']}")
-        c.print("since start: " + "  ".join(f"{k} {v}" for k, v in t.items()))
+        c.print("since start: " + "  ".join(f"{k} {v}" for k, v in t.items())
+                + f"   rate {s.get('rate_per_minute', 0)}/min")
         sp = s["spool"]
         c.print(f"spool: {sp['bytes'] / 1e6:.1f} MB, disk free {sp['disk_free_bytes'] / 1e9:.1f} GB"
                 + (f", [red]error {sp['error']}[/red]" if sp["error"] else ""))
         if s["connections"]:
             _table(s["connections"], ["sending_domain", "provider", "queued", "connections"], "ready queues")
+        if s.get("throttles"):
+            _table(s["throttles"], ["sending_domain", "provider", "max_rate", "current_rate", "fraction",
+                                    "suspended_for", "connections", "max_connections", "decisions"], "throttles")
         if s["paused_accounts"]:
             _table(s["paused_accounts"], ["id", "reason"], "paused accounts")
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import metrics
+from .accounting import AccountingLog
 from .bounce.classify import classify_reply
 from .config import Config
 from .events import event_row
@@ -39,8 +40,10 @@ def _write_outcomes(conn: Any, finals: list[tuple[int, int]], deferrals: list[tu
 
 class Results:
     def __init__(self, spool: Spool, config: Config, address_hash: Callable[[str], str],
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, accounting: AccountingLog | None = None):
         self.spool = spool
+        self.accounting = accounting
+        self._accounting: list[dict[str, object]] = []
         self.config = config
         self.address_hash = address_hash
         self.clock = clock
@@ -81,6 +84,13 @@ class Results:
         if outcome is not Outcome.DELIVERED:
             body["attempts"] = row.attempts + 1
         self._events.append(event_row(outcome.value, job.account, body, now))
+        if verdict.final and self.accounting is not None:
+            self._accounting.append({"time": now, "result": outcome.value, "account": job.account,
+                                     "campaign": job.campaign, "job_id": job.job_id,
+                                     "sending_domain": job.sending_domain, "provider": d.provider,
+                                     "rcpt_domain": row.domain, "rcpt_hash": self.address_hash(row.email),
+                                     "attempts": row.attempts + 1, "code": d.reply.code,
+                                     "reason": cls.reason if cls else None})
         self.counts[outcome.value] += 1
         metrics.DELIVERIES.labels(job.sending_domain, d.provider, outcome.value).inc()
         if outcome is Outcome.DELIVERED:
@@ -104,8 +114,11 @@ class Results:
 
     def flush(self) -> None:
         self._flush_scheduled = False
-        if not (self._finals or self._deferrals or self._events):
+        if not (self._finals or self._deferrals or self._events or self._accounting):
             return
         finals, deferrals, events = self._finals, self._deferrals, self._events
         self._finals, self._deferrals, self._events = [], [], []
         self.spool.post(_write_outcomes, finals, deferrals, events)
+        if self._accounting and self.accounting is not None:
+            records, self._accounting = self._accounting, []
+            self.accounting.write(records)

@@ -42,6 +42,14 @@ async def test_delivers_each_recipient_once_with_retries_and_bounces(daemon_fact
     # every message carries its own VERP return path on the bounce domain
     froms = {m.mail_from for m in sink.messages()}
     assert len(froms) == len(expected) and all(f.endswith("@bounces.mlgnserv.com") for f in froms)
+    # the accounting log: one line per final outcome, no addresses
+    d.app.results.flush()
+    from pathlib import Path
+
+    lines = [json.loads(x) for f in Path(d.app.config.state_dir, "accounting").glob("acct-*.jsonl")
+             for x in f.read_text().splitlines()]
+    assert sorted(x["result"] for x in lines) == ["bounced"] + ["delivered"] * len(expected)
+    assert all("@" not in json.dumps(x) and x["account"] == "acme" for x in lines)
 
 
 async def test_protocol_errors_and_idempotency(daemon_factory: Any, sink: Sink) -> None:
