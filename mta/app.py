@@ -176,6 +176,9 @@ class App:
         metrics.DISK_FREE.set(usage.free)
         metrics.DISK_SIZE.set(usage.total)
         metrics.SPOOL_BYTES.set(self.spool.size_bytes())
+        newest = self.spool.last_cursor()
+        metrics.EVENT_FEED_CURSOR.set(newest)
+        metrics.EVENT_FEED_LAG.set(max(0, newest - self.submit_service.read_up_to))
 
     def _metrics(self) -> tuple[int, str, bytes]:
         self._throttle_metrics()

@@ -40,6 +40,8 @@ DISK_FREE = Gauge("mta_state_disk_free_bytes", "Free bytes on the state director
 DISK_SIZE = Gauge("mta_state_disk_size_bytes", "Size of the state directory's file system", registry=REGISTRY)
 SPOOL_ERRORS = Counter("mta_spool_commit_errors", "Spool transactions that failed to commit", registry=REGISTRY)
 EVENT_FEED_CURSOR = Gauge("mta_event_feed_cursor", "Cursor of the newest event in the feed", registry=REGISTRY)
+EVENT_FEED_LAG = Gauge("mta_event_feed_lag", "Events newer than the last cursor a campaign system read past",
+                       registry=REGISTRY)
 SPOOL_BYTES = Gauge("mta_spool_bytes", "Size of the spool database files", registry=REGISTRY)
 EVENTS = Counter("mta_events", "Events appended to the feed", ["type"], registry=REGISTRY)
 DNS_LOOKUPS = Counter("mta_dns_cache", "MX resolutions by cache result", ["result"], registry=REGISTRY)

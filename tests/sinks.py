@@ -43,6 +43,7 @@ class SinkState:
     connections: int = 0
     open_now: int = 0
     max_open: int = 0
+    tls_sessions: int = 0
 
 
 class _Handler:
@@ -76,6 +77,8 @@ class _Handler:
         if any(r.lower().startswith("data") for r in rcpts):
             return "554 5.6.0 Message content rejected"
         with self.sink.lock:
+            if getattr(session, "ssl", None):
+                self.sink.state.tls_sessions += 1
             for r in rcpts:
                 self.sink.state.received.append(
                     Received(envelope.mail_from, r, envelope.original_content, time.monotonic()))  # type: ignore
@@ -112,7 +115,7 @@ class _Controller(Controller):
 
 class Sink:
     def __init__(self, host: str = "127.0.0.2", *, port: int = 0, defer_times: int = 1, stall: float = 1.0,
-                 smtputf8: bool = False):
+                 smtputf8: bool = False, tls_context: object = None):
         self.host = host
         self.port = port or free_port(host)
         self.defer_times = defer_times
@@ -120,7 +123,8 @@ class Sink:
         self.lock = threading.Lock()
         self.state = SinkState()
         self._controller = _Controller(self, hostname=host, port=self.port, server_hostname="sink.test",
-                                       ready_timeout=10, enable_SMTPUTF8=smtputf8)
+                                       ready_timeout=10, enable_SMTPUTF8=smtputf8,
+                                       tls_context=tls_context, require_starttls=False)
 
     @property
     def addr(self) -> str:

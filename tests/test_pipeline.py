@@ -184,3 +184,52 @@ async def test_idn_and_smtputf8(daemon_factory: Any, sink: Sink) -> None:
         assert bounced["recipient"] == "jörg@xn--bcher-kva.test" and "5.6.7" in bounced["code"]
     finally:
         utf8.stop()
+
+
+async def test_reject_at_data_and_a_stall_within_the_timeout(daemon_factory: Any) -> None:
+    staller = Sink("127.0.0.9", stall=0.5).start()
+    try:
+        d = await daemon_factory(static={"s.test": [staller.addr]})
+        await d.account()
+        await d.submit(job("st", ["slow1@s.test", "data1@s.test", "ok1@s.test"]))
+        await wait_for(lambda: len(staller.delivered()) == 2, 20)
+        bounced = await poll_events(d, "bounced", 1)
+        assert bounced[0]["recipient"] == "data1@s.test" and "554 5.6.0" in bounced[0]["code"]
+        assert bounced[0]["kind"] == "soft"  # content rejected says nothing permanent about the address
+    finally:
+        staller.stop()
+
+
+def _self_signed(tmp: Any) -> Any:
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.tls.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    (tmp / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                    serialization.NoEncryption()))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tmp / "cert.pem", tmp / "key.pem")
+    return ctx
+
+
+async def test_opportunistic_starttls(daemon_factory: Any, tmp_path: Any) -> None:
+    tls = Sink("127.0.0.10", tls_context=_self_signed(tmp_path)).start()
+    try:
+        d = await daemon_factory(static={"tls.test": [tls.addr]})
+        await d.account()
+        await d.submit(job("tls", ["ok1@tls.test", "ok2@tls.test"]))
+        await wait_for(lambda: len(tls.delivered()) == 2, 20)
+        assert tls.state.tls_sessions == 2  # offered STARTTLS was used (self-signed: not verified)
+    finally:
+        tls.stop()

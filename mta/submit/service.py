@@ -38,6 +38,7 @@ class SubmitService:
         self.scheduler = scheduler
         self.address_hash = address_hash
         self.clock = clock
+        self.read_up_to = 0  # the highest cursor a reader has asked to read after (event-feed lag)
 
     async def handle(self, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
         op = request["op"]
@@ -61,6 +62,7 @@ class SubmitService:
         if isinstance(after, bool) or not isinstance(after, int) or isinstance(limit, bool) \
                 or not isinstance(limit, int) or after < 0 or limit < 1 or after > 2**62:
             return error("malformed_request", "after must be a cursor >= 0 and limit a number >= 1")
+        self.read_up_to = max(self.read_up_to, after)
         return read_events(self.spool, after, min(limit, 2**31))
 
     async def report(self, request: dict[str, Any]) -> dict[str, Any]:
