@@ -26,19 +26,15 @@ class RecipientIn(msgspec.Struct, forbid_unknown_fields=False):
     vars: dict[str, VarValue] = {}
 
 
-class JobIn(msgspec.Struct, forbid_unknown_fields=False):
+class JobIn(Content, kw_only=True, forbid_unknown_fields=False):
+    """A submit request: the content fields (from, subject, text, html, raw, headers,
+    list_unsubscribe_url) plus who sends it to whom."""
+
     job_id: str
     account: str
     sending_domain: str
     recipients: list[RecipientIn]
     campaign: str = ""
-    from_: str | None = msgspec.field(default=None, name="from")
-    subject: str | None = None
-    text: str | None = None
-    html: str | None = None
-    raw: str | None = None
-    headers: dict[str, str] = {}
-    list_unsubscribe_url: str | None = None
     op: str = "submit"
 
 
