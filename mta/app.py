@@ -243,9 +243,12 @@ class App:
         self.submit_service.config = new
         self.dispatcher.reconfigure(new, signers)
         self.ready.rules = RuleBook(new.shaping)
-        self.throttles.backoff = new.backoff
         known = self.throttles.warmups
-        self.throttles.warmups = {sd: known.get(sd) or c for sd, c in self._warmups(new).items()}
+        fresh = self._warmups(new)
+        for sd, counter in fresh.items():  # a changed plan keeps today's count
+            if sd in known:
+                counter.day, counter.sent = known[sd].day, known[sd].sent
+        self.throttles.reconfigure(new.backoff, fresh)
         self.resolver.static = new.dns_static
         log.info("config_reloaded", path=new.path, restart_needed_for=kept or None)
         return {"reloaded": True, "restart_needed_for": kept}

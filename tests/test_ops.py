@@ -158,3 +158,19 @@ scrape_configs:
         proc.terminate()
         proc.wait(10)
         daemon.stop()
+
+
+async def test_reload_applies_shaping_backoff_and_warmup(daemon_factory: object, tmp_path: Path) -> None:
+    d = await daemon_factory(shaping=[{"provider": "p", "match_domain": ["p.test"], "max_rate": "10/s"}])  # type: ignore[operator]
+    app = d.app
+    limits = app.throttles.get("mlgnserv.com", app.ready.rules.match("p.test", []))
+    text = d.config_path.read_text().replace('max_rate = "10/s"', 'max_rate = "20/s"')
+    d.config_path.write_text(text + '[backoff]\nhold = "7s"\n[[warmup]]\nsending_domain = "mlgnserv.com"\n'
+                                    'start = "2026-01-01"\ndaily = [5]\n')
+    assert app.reload()["reloaded"] is True
+    assert app.ready.rules.match("p.test", []).max_rate == 20.0
+    assert limits.backoff.hold == 7.0 and limits.warmup is not None
+    d.config_path.write_text(text.replace('max_rate = "20/s"', 'max_rate = "fast"'))
+    result = app.reload()
+    assert result["reloaded"] is False and "shaping[0].max_rate" in result["error"]
+    assert app.ready.rules.match("p.test", []).max_rate == 20.0  # the old config stays

@@ -178,7 +178,7 @@ class ReadyQueue:
         decision = self.limits.observe(reply, self.clock())
         if decision is not None:
             metrics.BACKOFF.labels(self.sending_domain, self.provider, decision).inc()
-            state = self.limits.state(self.clock()) if hasattr(self.limits, "state") else {}
+            state = self.limits.state(self.clock())
             decisions_log.warning("backoff", decision=decision, sending_domain=self.sending_domain,
                                   provider=self.provider, reply=reply.line()[:200],
                                   rate=state.get("current_rate"), fraction=state.get("fraction"),

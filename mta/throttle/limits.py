@@ -30,6 +30,7 @@ class ProviderLimits(Protocol):
 
     def acquire(self, now: float) -> float: ...
     def observe(self, reply: Reply, now: float) -> str | None: ...
+    def state(self, now: float) -> dict[str, object]: ...
     def open_connection(self) -> bool: ...
     def close_connection(self) -> None: ...
     def wait_for_connection(self, wake: Callable[[], None]) -> None: ...
@@ -138,6 +139,14 @@ class Throttles:
         self.backoff = backoff or BackoffConfig()
         self.warmups = warmups or {}  # per sending domain, shared by all its providers
         self._limits: dict[tuple[str, str], LocalLimits] = {}
+
+    def reconfigure(self, backoff: BackoffConfig, warmups: dict[str, WarmupCounter]) -> None:
+        """A reload: new backoff settings and warm-up plans reach the live limits too."""
+        self.backoff, self.warmups = backoff, warmups
+        for limits in self._limits.values():
+            b = limits.backoff
+            b.min_fraction, b.hold, b.recovery_step = backoff.min_rate_fraction, backoff.hold, backoff.recovery_step
+            limits.warmup = warmups.get(limits.sending_domain)
 
     def get(self, sending_domain: str, rule: ShapingRule) -> LocalLimits:
         key = (sending_domain, rule.provider)
