@@ -15,8 +15,6 @@ import msgspec
 from . import metrics
 from .queue.spool import Spool
 
-TYPES = ("accepted", "delivered", "deferred", "bounced", "expired", "complained", "unsubscribed", "paused",
-         "resumed", "warned", "account_deleted", "erased")
 MAX_PAGE = 10000
 _encode = msgspec.json.encode
 _decode = msgspec.json.Decoder(dict[str, Any])

@@ -75,14 +75,13 @@ def prepare_socket_path(path: str) -> None:
 
 class JsonLineServer:
     def __init__(self, path: str, handler: Handler, *, max_line: int, mode: int, group: str = "",
-                 allowed_uids: tuple[int, ...] = (), on_connect: Callable[[Peer], None] | None = None):
+                 allowed_uids: tuple[int, ...] = ()):
         self.path = path
         self.handler = handler
         self.max_line = max_line
         self.mode = mode
         self.group = group
         self.allowed_uids = allowed_uids
-        self.on_connect = on_connect
         self.server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[Any]] = set()
         self.accepting = True
@@ -117,8 +116,6 @@ class JsonLineServer:
         if task is not None:
             self._connections.add(task)
         peer = peer_of(writer)
-        if self.on_connect is not None:
-            self.on_connect(peer)
         if self.allowed_uids and peer.uid not in self.allowed_uids and peer.uid != os.getuid():
             writer.write(_encode(error("forbidden", f"uid {peer.uid} may not use this socket")) + b"\n")
             await _drain_close(writer)

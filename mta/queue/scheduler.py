@@ -218,10 +218,6 @@ class Scheduler:
                                               attempts))
         return sq.loaded.popleft()
 
-    def push_back(self, sq: ScheduledQueue, row: RecipientRow) -> None:
-        """A popped row that could not be sent now (held, throttled) goes back to the front."""
-        sq.loaded.appendleft(row)
-
     # -- outcomes -----------------------------------------------------------------
     def settle(self, row: RecipientRow, outcome: Outcome, reply: Reply, provider: str,
                classification: Classification | None = None, latency: float = 0.0) -> None:

@@ -24,7 +24,6 @@ import os
 import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from .. import metrics
-from ..types import JobInfo, State
+from ..types import JobInfo
 
 log = logging.getLogger("mta.spool")
 T = TypeVar("T")
@@ -267,12 +266,6 @@ class Spool:
             f"SELECT id, job, idx, email, domain, vars, attempts FROM recipients "
             f"WHERE id IN ({marks}) AND state = 0", tuple(rowids)).fetchall()
 
-    def recipient(self, rowid: int) -> tuple[int, int, str | None, str, int] | None:
-        """(job, idx, email, rhash, state) of a recipient row."""
-        r = self.reader.execute("SELECT job, idx, email, rhash, state FROM recipients WHERE id = ?",
-                                (rowid,)).fetchone()
-        return tuple(r) if r else None  # type: ignore[return-value]
-
     def find_job(self, account: str, job_id: str) -> tuple[bytes, bytes] | None:
         """(digest, first answer) of an already accepted job."""
         r = self.reader.execute("SELECT digest, answer FROM jobs WHERE account = ? AND job_id = ?",
@@ -295,13 +288,6 @@ class Spool:
         r = self.reader.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
         return bytes(r[0]) if r else None
 
-    def counts(self) -> dict[str, int]:
-        """Recipients by state (for status and metrics)."""
-        out = {s.name.lower(): 0 for s in State}
-        for state, n in self.reader.execute("SELECT state, count(*) FROM recipients GROUP BY state"):
-            out[State(state).name.lower()] = n
-        return out
-
     def size_bytes(self) -> int:
         total = 0
         for suffix in ("", "-wal", "-shm"):
@@ -323,12 +309,6 @@ def _resolve(done: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) 
 
 
 # -- write operations (run in the writer thread, inside a transaction) ----------------
-def append_event(conn: sqlite3.Connection, etype: str, account: str | None, body: dict[str, Any],
-                 when: float | None = None) -> None:
-    conn.execute("INSERT INTO events (time, type, account, body) VALUES (?, ?, ?, ?)",
-                 (when or time.time(), etype, account, _encode(body)))
-
-
 def append_events(conn: sqlite3.Connection, rows: list[tuple[float, str, str | None, bytes]]) -> None:
     conn.executemany("INSERT INTO events (time, type, account, body) VALUES (?, ?, ?, ?)", rows)
 
