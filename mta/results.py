@@ -84,11 +84,12 @@ class Results:
         if outcome is not Outcome.DELIVERED:
             body["attempts"] = row.attempts + 1
         self._events.append(event_row(outcome.value, job.account, body, now))
+        rcpt_hash = self.address_hash(row.email)  # one HMAC per outcome, for the log and accounting
         if verdict.final and self.accounting is not None:
             self._accounting.append({"time": now, "result": outcome.value, "account": job.account,
                                      "campaign": job.campaign, "job_id": job.job_id,
                                      "sending_domain": job.sending_domain, "provider": d.provider,
-                                     "rcpt_domain": row.domain, "rcpt_hash": self.address_hash(row.email),
+                                     "rcpt_domain": row.domain, "rcpt_hash": rcpt_hash,
                                      "attempts": row.attempts + 1, "code": d.reply.code,
                                      "reason": cls.reason if cls else None})
         self.counts[outcome.value] += 1
@@ -99,7 +100,7 @@ class Results:
             metrics.BOUNCES.labels(cls.kind, cls.reason).inc()
         log.info("delivery", result=outcome.value, account=job.account, campaign=job.campaign,
                  sending_domain=job.sending_domain, provider=d.provider, rcpt_domain=row.domain,
-                 rcpt_hash=self.address_hash(row.email), attempt=row.attempts + 1, stage=d.reply.stage,
+                 rcpt_hash=rcpt_hash, attempt=row.attempts + 1, stage=d.reply.stage,
                  reply=d.reply.line()[:300], kind=cls.kind if cls else None, reason=cls.reason if cls else None,
                  retry_at=verdict.retry_at or None)
         for listener in self.listeners:
