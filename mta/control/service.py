@@ -69,7 +69,7 @@ class ControlService:
             target = held if scheduler.is_held(sq.account) else ready
             if len(sq):
                 target[key[index]] += len(sq)
-        deferred: Counter[str] = Counter(key[index] for _, _, key in scheduler._timers)
+        deferred: Counter[str] = Counter(key[index] for key in scheduler.deferred_keys())
         names = sorted(set(ready) | set(held) | set(deferred))
         return [{by.replace("-", "_"): n, "ready": ready[n], "deferred": deferred[n], "held": held[n],
                  "total": ready[n] + deferred[n] + held[n]} for n in names]

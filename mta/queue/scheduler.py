@@ -265,6 +265,10 @@ class Scheduler:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def deferred_keys(self) -> Iterable[QueueKey]:
+        """The queue key of every recipient waiting for a retry (admin summaries)."""
+        return (key for _, _, key in self._timers)
+
     def depth(self) -> dict[str, int]:
         ready = sum(len(sq) for sq in self.queues.values())
         waiting = len(self._timers)
