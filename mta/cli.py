@@ -200,6 +200,29 @@ def cmd_events(args: argparse.Namespace) -> int:
             time.sleep(1.0)
 
 
+def cmd_bounce_classify(args: argparse.Namespace) -> int:
+    """Offline classification of saved mails (SPEC §2): no daemon, no config."""
+    from .bounce.analyse import analyse
+
+    failed = 0
+    for path in args.files:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as exc:
+            failed += 1
+            print(f"mta: {path}: {exc.strerror}", file=sys.stderr)
+            continue
+        results = [r.as_dict() for r in analyse(raw)]
+        if args.json:
+            print(json.dumps({"file": path, "results": results}, separators=(",", ":")), flush=True)
+        elif results:
+            _table(results, ["recipient", "kind", "reason", "status", "replycode", "feedback_type"], title=path)
+        else:
+            print(f"{path}: not a bounce, report or reply")
+    return 1 if failed else 0
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     result = control(args, "reload")
     emit(args, result)
@@ -236,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--follow", action="store_true")
     command("reload", cmd_reload, "re-read the config (same as SIGHUP)")
+
+    bounce = sub.add_parser("bounce", help="bounce tools")
+    bsub = bounce.add_subparsers(dest="action", required=True)
+    bp = bsub.add_parser("classify", help="classify saved bounce, ARF and reply mails")
+    _common(bp)
+    bp.add_argument("files", nargs="+", metavar="FILE")
+    bp.set_defaults(func=cmd_bounce_classify)
 
     accounts = sub.add_parser("accounts", help="account admin")
     asub = accounts.add_subparsers(dest="action", required=True)

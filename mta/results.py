@@ -17,7 +17,7 @@ from typing import Any
 
 from . import metrics
 from .accounting import AccountingLog
-from .bounce.classify import classify_reply
+from .bounce.analyse import classify_reply
 from .config import Config
 from .events import event_row
 from .logs import get as get_logger

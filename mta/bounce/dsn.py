@@ -1,0 +1,148 @@
+"""RFC 3464 delivery status notifications: per-recipient fields.
+
+A DSN's machine-readable part is `message/delivery-status`: one block of per-message
+fields, then one block per recipient (Final-Recipient, Action, Status, Diagnostic-Code,
+Remote-MTA). Some MTAs send the same fields as text/plain or inline in the body; those
+are read from the text with the same field grammar.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from email.message import Message
+
+from . import mime
+
+_FIELD = re.compile(r"^([A-Za-z][A-Za-z0-9-]*)[ \t]*:[ \t]*(.*)$")
+_STATUS = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+_REPLY = re.compile(r"(?<![\d.])([245]\d\d)(?![\d.])")
+
+
+@dataclass(slots=True)
+class Report:
+    """What a bounce says about one recipient."""
+
+    recipient: str | None
+    diagnostic: str = ""
+    status: str | None = None
+    action: str | None = None
+    replycode: int | None = None
+    command: str | None = None   # the SMTP command the error answered, when said
+
+
+def address(value: str) -> str | None:
+    """The address in 'rfc822; <ann@example.test>' or '<ann@example.test>'; None if none."""
+    if ";" in value:
+        value = value.split(";", 1)[1]
+    value = value.strip().strip("<>").strip().strip("<>").strip().strip('"')
+    if "@" not in value or " " in value:
+        m = re.search(r"[^\s<>\"'();:,\[\]]+@[A-Za-z0-9.\-\[\]]+[A-Za-z0-9\]]", value)
+        return m.group(0).lower() if m else None
+    return value.lower()
+
+
+def status_in(text: str) -> str | None:
+    """The first plausible enhanced status code in a text."""
+    for m in _STATUS.finditer(text):
+        klass, subject = m.group(1), int(m.group(2))
+        if subject <= 7:
+            return f"{klass}.{subject}.{int(m.group(3))}"
+    return None
+
+
+def reply_in(text: str) -> int | None:
+    """The first SMTP reply code in a text (e.g. '550' of '550-5.1.1 ...')."""
+    for m in _REPLY.finditer(text):
+        return int(m.group(1))
+    return None
+
+
+def _blocks(text: str) -> list[dict[str, str]]:
+    """Field blocks separated by blank lines, continuation lines folded in."""
+    blocks: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    last = ""
+    for line in text.split("\n"):
+        if not line.strip():
+            if current:
+                blocks.append(current)
+            current, last = {}, ""
+            continue
+        if line[:1] in (" ", "\t") and last:
+            current[last] += " " + line.strip()
+            continue
+        m = _FIELD.match(line)
+        if m:
+            last = m.group(1).lower()
+            current.setdefault(last, m.group(2).strip())
+        else:
+            last = ""
+    if current:
+        blocks.append(current)
+    return blocks
+
+
+def _part_blocks(part: Message) -> list[dict[str, str]]:
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        out = []
+        for block in payload:
+            if isinstance(block, Message):
+                fields: dict[str, str] = {}
+                for k, v in block.items():
+                    fields.setdefault(k.lower(), " ".join(str(v).split()))
+                out.append(fields)
+        # compat32 splits on blank lines; a block can still hide more blocks in its body
+        for block in payload:
+            inner = block.get_payload() if isinstance(block, Message) else None
+            if isinstance(inner, str):
+                out.extend(_blocks(inner))
+        return out
+    return _blocks(mime.part_text(part))
+
+
+def _report(fields: dict[str, str]) -> Report | None:
+    rcpt_field = fields.get("final-recipient") or fields.get("original-recipient") or ""
+    if not rcpt_field and not fields.get("status") and not fields.get("diagnostic-code"):
+        return None
+    if not rcpt_field and "action" not in fields:
+        return None
+    diagnostic = fields.get("diagnostic-code", "")
+    if ";" in diagnostic[:12]:  # 'smtp; 550 5.1.1 ...'
+        diagnostic = diagnostic.split(";", 1)[1].strip()
+    status = status_in(fields.get("status", "")) or None
+    return Report(
+        recipient=address(rcpt_field) if rcpt_field else None,
+        diagnostic=diagnostic,
+        status=status,
+        action=(fields.get("action") or "").lower().split(" ")[0] or None,
+        replycode=reply_in(diagnostic[:12]) if diagnostic else None,
+    )
+
+
+def reports(msg: Message) -> list[Report]:
+    """Per-recipient reports of the mail's delivery-status part(s), else of field-like text."""
+    found: list[Report] = []
+    for part in mime.walk(msg):
+        if part.get_content_type() in ("message/delivery-status", "message/global-delivery-status"):
+            for fields in _part_blocks(part):
+                rep = _report(fields)
+                if rep is not None:
+                    found.append(rep)
+    if not found:
+        text = mime.body_text(msg)
+        if re.search(r"^(final|original)-recipient\s*:", text, re.I | re.M):
+            for fields in _blocks(text):
+                rep = _report(fields)
+                if rep is not None and rep.recipient:
+                    found.append(rep)
+    # Some MTAs give one block per recipient with Original- and Final-Recipient; dedupe
+    seen: set[tuple[str | None, str | None, str]] = set()
+    out = []
+    for rep in found:
+        key = (rep.recipient, rep.status, rep.diagnostic)
+        if key not in seen:
+            seen.add(key)
+            out.append(rep)
+    return out

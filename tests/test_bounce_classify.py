@@ -1,0 +1,114 @@
+"""The classifier: accuracy on the labelled corpus, the shared rule set for SMTP replies,
+and robustness against hostile mail."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bench.bounce_accuracy import DEFAULT_CORPUS, score
+from mta.bounce.analyse import analyse, classify_reply
+from mta.bounce.rules import load
+from mta.types import Reply
+
+# Floors on the development corpus: raise them when the classifier improves, never lower
+# them to make a change pass. (Issue 5's targets: hard/soft 0.97, reason 0.90, ARF 0.98.)
+FLOORS = {"hard_soft": 0.90, "reason": 0.84, "fbl": 1.0, "recall": 0.98, "auto_reply": 1.0, "negatives": 1.0}
+
+
+@pytest.mark.skipif(not (DEFAULT_CORPUS / "labels.jsonl").exists(), reason="corpus not beside the checkout")
+def test_accuracy_does_not_regress() -> None:
+    figures, counts, _ = score(DEFAULT_CORPUS)
+    assert counts["bounce"] > 300 and counts["fbl_n"] > 10
+    low = {k: round(figures[k], 3) for k, floor in FLOORS.items() if figures[k] < floor}
+    assert not low, f"below the floor: {low}"
+
+
+@pytest.mark.parametrize("code,text,stage,kind,reason", [
+    (550, "5.1.1 <ann@example.test>: Recipient address rejected: User unknown", "rcpt", "hard", "userunknown"),
+    (550, "5.1.1 The email account that you tried to reach does not exist.", "rcpt", "hard", "userunknown"),
+    (552, "5.2.2 Mailbox full", "rcpt", "soft", "mailboxfull"),
+    (554, "5.7.1 Service unavailable; client host blocked using zen.spamhaus.org", "rcpt", "soft", "blocked"),
+    (550, "5.7.26 This mail is unauthenticated, which poses a security risk", "data", "soft", "authfailure"),
+    (554, "5.7.1 Message rejected as spam by Content Filtering", "data", "soft", "spamdetected"),
+    (550, "5.1.6 Recipient no longer on server", "rcpt", "hard", "hasmoved"),
+    (556, "5.1.10 Recipient address has null MX", "rcpt", "hard", "notaccept"),
+    (550, "5.7.1 Relaying denied", "rcpt", "soft", "norelaying"),
+    (554, "Sender address rejected: Domain not found", "mail", "soft", "rejected"),
+    (550, "User unknown", "data", "soft", "filtered"),   # said after DATA: a filter's verdict
+    (0, "Connection timed out", "connect", "soft", "networkerror"),
+])
+def test_smtp_replies_use_the_same_rules(code: int, text: str, stage: str, kind: str, reason: str) -> None:
+    got = classify_reply(Reply(code, text, stage))
+    assert (got.kind, got.reason) == (kind, reason)
+
+
+def test_rule_file_is_package_data_and_every_reason_is_known() -> None:
+    rules = load()
+    assert rules.text and rules.status and "userunknown" in rules.hard
+    vocabulary = {"userunknown", "hostunknown", "mailboxfull", "filtered", "blocked", "spamdetected",
+                  "policyviolation", "rejected", "expired", "suspend", "toomanyconn", "speeding",
+                  "exceedlimit", "mesgtoobig", "networkerror", "systemerror", "norelaying", "securityerror",
+                  "authfailure", "requireptr", "notcompliantrfc", "badreputation", "contenterror",
+                  "virusdetected", "syntaxerror", "hasmoved", "notaccept", "systemfull", "mailererror",
+                  "failedstarttls"}
+    used = {r.partition("#")[0] for r, _ in rules.text + rules.weak} | set(rules.status.values())
+    assert used <= vocabulary, used - vocabulary
+
+
+def test_dsn_arf_and_auto_reply() -> None:
+    dsn = (b"From: MAILER-DAEMON@mx.example.test\r\nTo: b-x@bounces.mlgnserv.com\r\n"
+           b"Subject: Undelivered Mail\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/report; report-type=delivery-status; boundary=B\r\n\r\n"
+           b"--B\r\nContent-Type: text/plain\r\n\r\nI could not deliver it.\r\n"
+           b"--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.example.test\r\n\r\n"
+           b"Final-Recipient: rfc822; ann@example.test\r\nAction: failed\r\nStatus: 5.2.2\r\n"
+           b"Diagnostic-Code: smtp; 552 5.2.2 Mailbox full\r\n\r\n--B--\r\n")
+    [r] = analyse(dsn)
+    assert (r.recipient, r.kind, r.reason) == ("ann@example.test", "soft", "mailboxfull")
+    assert (r.status, r.replycode) == ("5.2.2", 552)
+    arf = (b"From: fbl@isp.test\r\nSubject: report\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/report; report-type=feedback-report; boundary=B\r\n\r\n"
+           b"--B\r\nContent-Type: text/plain\r\n\r\nA complaint.\r\n"
+           b"--B\r\nContent-Type: message/feedback-report\r\n\r\nFeedback-Type: Abuse\r\nVersion: 1\r\n"
+           b"Original-Rcpt-To: bob@example.test\r\n\r\n--B--\r\n")
+    [c] = analyse(arf)
+    assert (c.recipient, c.kind, c.feedback_type) == ("bob@example.test", "complaint", "abuse")
+    ooo = (b"From: Carl <carl@example.test>\r\nSubject: Out of Office: Hello\r\n"
+           b"Auto-Submitted: auto-replied\r\n\r\nAway.\r\n")
+    [a] = analyse(ooo)
+    assert (a.kind, a.recipient) == ("auto_reply", "carl@example.test")
+    assert analyse(b"From: dan@example.test\r\nSubject: lunch?\r\n\r\nsee you\r\n") == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000))
+def test_arbitrary_bytes_never_raise(raw: bytes) -> None:
+    analyse(raw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300), st.sampled_from(["multipart/report", "message/delivery-status", "multipart/mixed"]))
+def test_broken_mime_never_raises(body: str, ctype: str) -> None:
+    raw = f"From: MAILER-DAEMON@x\r\nContent-Type: {ctype}; boundary=\"b\"\r\n\r\n--b\r\n{body}\r\n--b--".encode()
+    analyse(raw)
+
+
+def test_cli_json_lines(tmp_path: Path) -> None:
+    mail = tmp_path / "one.eml"
+    mail.write_bytes(b"From: MAILER-DAEMON@x.test\r\nSubject: failure notice\r\nX-Failed-Recipients: e@x.test\r\n\r\n"
+                     b"e@x.test\r\n  SMTP error from remote mail server after RCPT TO:<e@x.test>:\r\n"
+                     b"  550 5.1.1 No such user\r\n")
+    empty = tmp_path / "two.eml"
+    empty.write_bytes(b"Subject: hi\r\n\r\nhello\r\n")
+    out = subprocess.run([sys.executable, "-m", "mta", "bounce", "classify", str(mail), str(empty), "--json"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    first, second = (json.loads(line) for line in out)
+    assert first["file"] == str(mail) and first["results"][0]["reason"] == "userunknown"
+    assert first["results"][0]["kind"] == "hard" and second == {"file": str(empty), "results": []}
