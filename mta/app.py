@@ -25,6 +25,7 @@ from .delivery.dns import MxResolver
 from .delivery.smtp import SmtpDispatcher, TemplateCache
 from .httpd import HttpEndpoint
 from .jsonlines import JsonLineServer
+from .listener import attach
 from .logs import get as get_logger
 from .logs import setup as setup_logs
 from .policy.accounts import AccountBook
@@ -32,6 +33,7 @@ from .queue.ready import ReadyQueues
 from .queue.scheduler import Scheduler
 from .queue.spool import Spool, put_kv
 from .results import Results
+from .returns import Returns
 from .sdnotify import Notifier
 from .submit.service import SubmitService
 from .throttle.limits import Throttles
@@ -69,6 +71,8 @@ class App:
         self.accounts.load()
         self.accounting = AccountingLog(os.path.join(cfg.state_dir, "accounting"))
         self.results = Results(self.spool, cfg, self.signer.address_hash, accounting=self.accounting)
+        self.returns = Returns(self.spool, self.signer.address_hash)
+        self.returns.load()
         self.scheduler = Scheduler(self.spool, self.results.record, self.accounts.is_held)
         self.resolver = MxResolver(cfg.nameservers, cfg.dns_static)
         self.templates = TemplateCache(self.spool.template, self.signer, cfg, dkim=signers,
@@ -81,7 +85,9 @@ class App:
         self.accounts.on_release.append(self.scheduler.release)
         recovered = self.scheduler.recover()
 
-        self.submit_service = SubmitService(cfg, self.spool, self.accounts, self.scheduler, self.signer.address_hash)
+        self.submit_service = SubmitService(cfg, self.spool, self.accounts, self.scheduler, self.signer.address_hash,
+                                            self.returns)
+        self.listener = attach(cfg, self.signer, self.spool, self.returns, self.spool.job)
         self.submit_server = JsonLineServer(cfg.submit_socket, self.submit_service.handle,
                                             max_line=cfg.max_line_bytes, mode=0o660, group=cfg.submit_group,
                                             allowed_uids=cfg.allowed_uids)
@@ -90,6 +96,11 @@ class App:
         self.http = HttpEndpoint(*cfg.metrics_listen, {"/metrics": self._metrics, "/healthz": self._healthz})
         await self.control_server.start()
         await self.http.start()
+        try:
+            await self.listener.start()
+        except OSError as exc:
+            raise ConfigError(f"listener.listen: cannot listen on {cfg.listener_listen[0]}:"
+                              f"{cfg.listener_listen[1]}: {exc.strerror}") from None
         await self.submit_server.start()  # last: a ping that answers means everything is up
         metrics.UP.set(1)
         for feature in cfg.not_yet_in_effect:
@@ -261,6 +272,7 @@ class App:
         self.submit_server.accepting = False
         self.scheduler.draining = True
         await self.submit_server.close()
+        await self.listener.close()
         for rq in self.ready.queues.values():
             rq.stop_waiting()
         deadline = time.monotonic() + DRAIN_DEADLINE

@@ -183,6 +183,18 @@ def cmd_accounts(args: argparse.Namespace) -> int:
     return 0
 
 
+SUPPRESS_COLUMNS = ["account", "address", "hash", "reason", "time"]
+
+
+def cmd_suppress(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        emit(args, control(args, "suppress.list", account=args.account),
+             lambda rows: _table(rows, SUPPRESS_COLUMNS, f"suppression: {args.account or 'global'}"))
+        return 0
+    emit(args, control(args, f"suppress.{args.action}", account=args.account, address=args.address))
+    return 0
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     after = args.after
     while True:
@@ -266,6 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(bp)
     bp.add_argument("files", nargs="+", metavar="FILE")
     bp.set_defaults(func=cmd_bounce_classify)
+
+    suppress = sub.add_parser("suppress", help="suppression lists")
+    ssub = suppress.add_subparsers(dest="action", required=True)
+    for action in ("list", "add", "remove"):
+        sp = ssub.add_parser(action)
+        _common(sp)
+        sp.set_defaults(func=cmd_suppress)
+        if action != "list":
+            sp.add_argument("address", help="an address (remove also takes its hash)")
+        sp.add_argument("--account", help="the account's list (default: the global list)")
 
     accounts = sub.add_parser("accounts", help="account admin")
     asub = accounts.add_subparsers(dest="action", required=True)

@@ -20,7 +20,6 @@ MANAGED_DOMAINS = ("mlgnserv.com", "mlgn2ca.com", "mlgn2usa.com", "mailgait.com"
 NOT_YET: dict[str, str] = {
     "privacy": "retention and audit",
     "cluster.redis_url": "cluster mode",
-    "listener": "bounce listener",
     "daemon.allowed_uids": "peer uid allow-list",
 }
 

@@ -88,10 +88,19 @@ def test_cli_admin_commands(tmp_path: Path) -> None:
         out = mta_cli("accounts", "set", "x", "--plan", "monthly", "--subscribers", "1", "--notify", "o@x.test",
                       "--hard-bounce-threshold", "0.5", *base, "--json")
         assert out.returncode != 0 and "0.08..0.15" in json.loads(out.stdout)["error"]["message"]
+        # suppression: an account's list and the global one; submissions honour both
+        assert cli("suppress", "add", "Gone@Nowhere.test", "--account", "acme")["added"] is True  # type: ignore[index]
+        added = cli("suppress", "add", "spamtrap@nowhere.test")
+        listed = cli("suppress", "list", "--account", "acme")
+        assert [e["address"] for e in listed] == ["gone@nowhere.test"]  # type: ignore[index,union-attr]
+        assert [e["hash"] for e in cli("suppress", "list")] == [added["hash"]]  # type: ignore[index,union-attr]
         job_file = tmp_path / "job.json"
-        job_file.write_text(json.dumps(job("cli-1", ["ok@nowhere.test"])))
+        job_file.write_text(json.dumps(job("cli-1", ["ok@nowhere.test", "gone@nowhere.test", "spamtrap@nowhere.test"])))
         out = mta_cli("submit", str(job_file), *base, "--json")
-        assert json.loads(out.stdout)["accepted"] == 1
+        answer = json.loads(out.stdout)
+        assert answer["accepted"] == 1 and [r["code"] for r in answer["rejected"]] == ["suppressed", "suppressed"]
+        assert cli("suppress", "remove", added["hash"])["removed"] is True  # type: ignore[index]
+        assert cli("suppress", "list") == []
     finally:
         assert daemon.stop() == 0  # SIGTERM: a clean exit
 

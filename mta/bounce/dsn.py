@@ -112,8 +112,11 @@ def _report(fields: dict[str, str]) -> Report | None:
     if ";" in diagnostic[:12]:  # 'smtp; 550 5.1.1 ...'
         diagnostic = diagnostic.split(";", 1)[1].strip()
     status = status_in(fields.get("status", "")) or None
+    recipient = address(rcpt_field) if rcpt_field else None
+    if recipient is None and status is None and not diagnostic:
+        return None
     return Report(
-        recipient=address(rcpt_field) if rcpt_field else None,
+        recipient=recipient,
         diagnostic=diagnostic,
         status=status,
         action=(fields.get("action") or "").lower().split(" ")[0] or None,

@@ -37,6 +37,9 @@ class ControlService:
             "accounts.approve": self.accounts_approve,
             "accounts.pause": self.accounts_pause,
             "accounts.resume": self.accounts_resume,
+            "suppress.list": self.suppress_list,
+            "suppress.add": self.suppress_add,
+            "suppress.remove": self.suppress_remove,
         }
 
     async def handle(self, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
@@ -51,6 +54,21 @@ class ControlService:
             return error("invalid_argument", f"{type(exc).__name__}: {exc}")
 
     # -- ops --------------------------------------------------------------------------
+    async def suppress_list(self, request: dict[str, Any]) -> Any:
+        """Entries of one account's list (or the global list without `account`)."""
+        account = request.get("account")
+        return self.app.returns.suppression.entries(account or "*")
+
+    async def suppress_add(self, request: dict[str, Any]) -> Any:
+        address = _address(request)
+        account = request.get("account")
+        if account and self.app.accounts.get(account) is None:
+            raise AccountError("unknown_account", f"no account {account!r}")
+        return await self.app.returns.add(account or None, address)
+
+    async def suppress_remove(self, request: dict[str, Any]) -> Any:
+        return await self.app.returns.remove(request.get("account") or None, _address(request))
+
     async def ping(self, request: dict[str, Any]) -> Any:
         return {"pong": True}
 
@@ -112,3 +130,10 @@ class ControlService:
     async def accounts_pause(self, request: dict[str, Any]) -> Any:
         reason = str(request.get("reason") or "paused by an admin")
         return (await self.app.accounts.set_status(self._account(request), "paused", reason)).view(time.time())
+
+
+def _address(request: dict[str, Any]) -> str:
+    address = request.get("address")
+    if not isinstance(address, str) or not address.strip() or any(c in address for c in "\r\n\0 "):
+        raise ValueError("address: one address (or, for remove, its hash) is required")
+    return address.strip()

@@ -74,6 +74,19 @@ CREATE TABLE IF NOT EXISTS accounts (
     id TEXT PRIMARY KEY,
     data BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS suppression (
+    account TEXT NOT NULL,           -- '*' is the global list
+    hash TEXT NOT NULL,              -- keyed hash of the lower-cased address
+    address TEXT,                    -- the address while it is known (NULL once purged)
+    reason TEXT NOT NULL,
+    time REAL NOT NULL,
+    PRIMARY KEY (account, hash)
+);
+CREATE TABLE IF NOT EXISTS returns (  -- one bounce / complaint / unsubscribe per message
+    recipient INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    PRIMARY KEY (recipient, type)
+);
 CREATE TABLE IF NOT EXISTS kv (
     key TEXT PRIMARY KEY,
     value BLOB NOT NULL
@@ -284,6 +297,18 @@ class Spool:
     def accounts(self) -> Iterable[tuple[str, bytes]]:
         return self.reader.execute("SELECT id, data FROM accounts ORDER BY id").fetchall()
 
+    def recipient(self, rowid: int) -> tuple[int, str, str | None, int] | None:
+        """(job row, address hash, address or None once final, state) of a recipient row."""
+        row = self.reader.execute("SELECT job, rhash, email, state FROM recipients WHERE id = ?",
+                                    (rowid,)).fetchone()
+        return (int(row[0]), str(row[1]), row[2], int(row[3])) if row else None
+
+    def returned(self) -> Iterable[tuple[int, str]]:
+        return [(int(r), str(t)) for r, t in self.reader.execute("SELECT recipient, type FROM returns")]
+
+    def suppression(self) -> Iterable[tuple[str, str, str | None, str, float]]:
+        return list(self.reader.execute("SELECT account, hash, address, reason, time FROM suppression"))
+
     def kv(self, key: str) -> bytes | None:
         r = self.reader.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
         return bytes(r[0]) if r else None
@@ -322,6 +347,22 @@ def set_final(conn: sqlite3.Connection, rows: list[tuple[int, int]]) -> None:
 def set_deferred(conn: sqlite3.Connection, rows: list[tuple[int, float, int]]) -> None:
     """(attempts, next_at, rowid)."""
     conn.executemany("UPDATE recipients SET attempts = ?, next_at = ? WHERE id = ? AND state = 0", rows)
+
+
+def add_returns(conn: sqlite3.Connection, rows: list[tuple[int, str]]) -> None:
+    conn.executemany("INSERT OR IGNORE INTO returns (recipient, type) VALUES (?, ?)", rows)
+
+
+def put_suppression(conn: sqlite3.Connection, rows: list[tuple[str, str, str | None, str, float]]) -> None:
+    """(account, hash, address, reason, time); an existing entry keeps its first reason."""
+    conn.executemany("INSERT INTO suppression (account, hash, address, reason, time) VALUES (?, ?, ?, ?, ?) "
+                     "ON CONFLICT (account, hash) DO UPDATE SET address = coalesce(excluded.address, address)",
+                     rows)
+
+
+def delete_suppression(conn: sqlite3.Connection, account: str, hashes: list[str]) -> int:
+    cur = conn.executemany("DELETE FROM suppression WHERE account = ? AND hash = ?", [(account, h) for h in hashes])
+    return int(cur.rowcount)
 
 
 def put_account(conn: sqlite3.Connection, account_id: str, data: bytes) -> None:

@@ -21,7 +21,8 @@ from ..jsonlines import Peer, error
 from ..policy.accounts import AccountBook
 from ..policy.quota import allowance, consume, trial_expired
 from ..queue.scheduler import Scheduler
-from ..queue.spool import Spool, SpoolUnavailable, append_events, insert_job
+from ..queue.spool import Spool, SpoolUnavailable, insert_job
+from ..returns import Returns, Signal
 from ..types import JobInfo
 from .job import JobIn, Refused, job_digest, prepare
 
@@ -31,7 +32,9 @@ _decode = msgspec.json.decode
 
 class SubmitService:
     def __init__(self, config: Config, spool: Spool, accounts: AccountBook, scheduler: Scheduler,
-                 address_hash: Callable[[str], str], clock: Callable[[], float] = time.time):
+                 address_hash: Callable[[str], str], returns: Returns,
+                 clock: Callable[[], float] = time.time):
+        self.returns = returns
         self.config = config
         self.spool = spool
         self.accounts = accounts
@@ -75,13 +78,13 @@ class SubmitService:
         assert isinstance(account, str) and isinstance(address, str)
         if self.accounts.get(account) is None:
             return error("unknown_account", f"no account {account!r}")
-        body: dict[str, Any] = {"campaign": campaign, "source": "campaign_system"}
-        if etype == "complained":
-            body["recipient_hash"] = self.address_hash(address)  # SPEC §8: never the address
-        else:
-            body["recipient"] = address
+        assert isinstance(campaign, str)
+        address = address.strip().lower()
+        signal = Signal(etype, account, campaign, self.address_hash(address),
+                        None if etype == "complained" else address,  # SPEC §8: never the complainer
+                        feedback_type="abuse" if etype == "complained" else None, source="campaign_system")
         try:
-            await self.spool.transact(append_events, [event_row(etype, account, body, self.clock())])
+            await self.returns.record(signal)
         except SpoolUnavailable as exc:
             return error("unavailable", str(exc))
         return {"ok": True}
@@ -117,7 +120,7 @@ class SubmitService:
         try:
             prepared = prepare(job, max_recipients=self.config.max_recipients_per_job,
                                max_message_size=self.config.max_message_size, address_hash=self.address_hash,
-                               digest=digest)
+                               digest=digest, suppressed=self.returns.is_suppressed)
         except Refused as exc:
             return error(exc.code, exc.message, job_id=job.job_id)
         fits = allowance(account, now)

@@ -1,0 +1,151 @@
+"""The listener over real sockets: DSNs, ARF reports and unsubscribe mails to genuine VERP
+and List-Unsubscribe addresses count; forged tokens, relaying, oversized and malformed
+mail are refused or ignored, and change nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import re
+from typing import Any
+
+import aiosmtplib
+import pytest
+
+from .conftest import Daemon, job, wait_for
+from .sinks import Sink
+
+
+def dsn(to: str, rcpt: str, status: str = "5.1.1", diag: str = "550 5.1.1 User unknown") -> bytes:
+    return (f"From: MAILER-DAEMON@mx.d.test\r\nTo: {to}\r\nSubject: Undelivered Mail Returned to Sender\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=B\r\n\r\n"
+            "--B\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n"
+            "--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.d.test\r\n\r\n"
+            f"Final-Recipient: rfc822; {rcpt}\r\nAction: failed\r\nStatus: {status}\r\n"
+            f"Diagnostic-Code: smtp; {diag}\r\n\r\n--B--\r\n").encode()
+
+
+def arf(original: bytes) -> bytes:
+    return (b"From: fbl@isp.test\r\nTo: fbl@mlgnserv.com\r\nSubject: complaint\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/report; report-type=feedback-report; boundary=B\r\n\r\n"
+            b"--B\r\nContent-Type: text/plain\r\n\r\nThis is an abuse report.\r\n"
+            b"--B\r\nContent-Type: message/feedback-report\r\n\r\nFeedback-Type: abuse\r\nVersion: 1\r\n"
+            b"User-Agent: test/1\r\n\r\n--B\r\nContent-Type: message/rfc822\r\n\r\n" + original + b"\r\n--B--\r\n")
+
+
+async def send(d: Daemon, mail_from: str, rcpts: list[str], data: bytes) -> tuple[dict[str, Any], str]:
+    assert d.app is not None
+    host, port = d.app.config.listener_listen
+    client = aiosmtplib.SMTP(hostname=host, port=port, timeout=10)
+    await client.connect()
+    try:
+        errors, reply = await client.sendmail(mail_from, rcpts, data)
+        return errors, reply
+    finally:
+        client.close()
+
+
+async def delivered(d: Daemon, sink: Sink, rcpts: list[str], job_id: str = "j1") -> dict[str, Any]:
+    await d.account()
+    assert (await d.submit(job(job_id, rcpts)))["accepted"] == len(rcpts)
+    await wait_for(lambda: all(sink.delivered()[r] for r in rcpts), 20)
+    return {r.rcpt: r for r in sink.state.received}
+
+
+async def test_dsn_to_verp_address_bounces_and_suppresses(daemon_factory: Any, sink: Sink) -> None:
+    d = await daemon_factory(static={"d.test": [sink.addr]})
+    got = await delivered(d, sink, ["ann@d.test", "bob@d.test"])
+    verp = got["ann@d.test"].mail_from
+    assert re.fullmatch(r"b-[a-z2-7]+@bounces\.[a-z0-9.]+", verp)
+    errors, _ = await send(d, "", [verp], dsn(verp, "ann@d.test"))
+    assert errors == {}
+    events = await wait_for_events(d, "bounced", 1)
+    assert events[0]["recipient"] == "ann@d.test" and events[0]["kind"] == "hard"
+    assert events[0]["reason"] == "userunknown" and events[0]["async"] is True
+    # the same DSN again (receivers retry) is not counted twice
+    await send(d, "", [verp], dsn(verp, "ann@d.test"))
+    await asyncio.sleep(0.3)
+    assert len(await d.events("bounced")) == 1
+    # suppressed for the account, and (user unknown) globally
+    answer = await d.submit(job("j2", ["ann@d.test", "bob@d.test"]))
+    assert answer["accepted"] == 1 and answer["rejected"] == [{"index": 0, "email": "ann@d.test", "code": "suppressed"}]
+    assert d.app is not None and d.app.returns.is_suppressed("anyone", d.app.signer.address_hash("ann@d.test"))
+
+
+async def wait_for_events(d: Daemon, etype: str, n: int) -> list[dict[str, Any]]:
+    for _ in range(100):
+        events = await d.events(etype)
+        if len(events) >= n:
+            return events
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no {n} {etype} events")
+
+
+async def test_arf_to_fbl_address_and_unsubscribe(daemon_factory: Any, sink: Sink) -> None:
+    d = await daemon_factory(static={"d.test": [sink.addr]})
+    got = await delivered(d, sink, ["carl@d.test", "dora@d.test"])
+    original = b"Return-Path: <" + got["carl@d.test"].mail_from.encode() + b">\r\n" + got["carl@d.test"].data
+    errors, _ = await send(d, "fbl@isp.test", ["fbl@mlgnserv.com"], arf(original))
+    assert errors == {}
+    [complaint] = await wait_for_events(d, "complained", 1)
+    assert "carl@d.test" not in str(complaint) and complaint["recipient_hash"] and complaint["feedback_type"] == "abuse"
+    # the List-Unsubscribe mailto of dora's message
+    msg = email.message_from_bytes(got["dora@d.test"].data)
+    mailto = re.search(r"<mailto:([^?>]+)", msg["List-Unsubscribe"]).group(1)  # type: ignore[union-attr]
+    unsub = b"From: dora@d.test\r\nTo: " + mailto.encode() + b"\r\nSubject: unsubscribe\r\n\r\nunsubscribe\r\n"
+    errors, _ = await send(d, "dora@d.test", [mailto], unsub)
+    assert errors == {}
+    [event] = await wait_for_events(d, "unsubscribed", 1)
+    assert event["recipient"] in ("dora@d.test", None)
+    answer = await d.submit(job("j2", ["carl@d.test", "dora@d.test"]))
+    assert {r["code"] for r in answer["rejected"]} == {"suppressed"} and answer["accepted"] == 0
+
+
+async def test_forged_relay_oversized_and_malformed_change_nothing(daemon_factory: Any, sink: Sink) -> None:
+    d = await daemon_factory(static={"d.test": [sink.addr]})
+    got = await delivered(d, sink, ["eve@d.test"])
+    verp = got["eve@d.test"].mail_from
+    local, domain = verp.split("@")
+    forged = f"{local[:-2]}{'a' if local[-2] != 'a' else 'b'}{local[-1]}@{domain}"
+    for rcpt in (forged, "b-aaaaaaaaaaaaaaaaaaaaaaaaaaaa@" + domain, "victim@elsewhere.test", "postmaster@" + domain):
+        with pytest.raises(aiosmtplib.SMTPRecipientsRefused):
+            await send(d, "", [rcpt], dsn(rcpt, "eve@d.test"))
+    with pytest.raises(aiosmtplib.SMTPResponseException) as big:
+        await send(d, "", [verp], b"Subject: x\r\n\r\n" + b"y" * (11 * 1024 * 1024))
+    assert big.value.code == 552
+    for junk in (b"", b"\x00\xff" * 100, b"Content-Type: multipart/report; boundary=\r\n\r\n--\r\n--",
+                 b"From: MAILER-DAEMON@x\r\nContent-Type: message/delivery-status\r\n\r\nFinal-Recipient: ;\r\n"):
+        errors, _ = await send(d, "", [verp], junk)
+        assert errors == {}
+    await asyncio.sleep(0.3)
+    events = await d.events()
+    assert not [e for e in events if e["type"] in ("bounced", "complained", "unsubscribed")]
+    # still serving: a genuine DSN now counts
+    await send(d, "", [verp], dsn(verp, "eve@d.test", "5.2.2", "552 5.2.2 Mailbox full"))
+    [event] = await wait_for_events(d, "bounced", 1)
+    assert (event["kind"], event["reason"]) == ("soft", "mailboxfull")
+
+
+async def test_bare_lf_dot_does_not_end_data(daemon_factory: Any, sink: Sink) -> None:
+    """SMTP smuggling: '\\n.\\n' inside DATA must not end the message and start a second one."""
+    d = await daemon_factory(static={"d.test": [sink.addr]})
+    got = await delivered(d, sink, ["fay@d.test", "gus@d.test"])
+    fay, gus = got["fay@d.test"].mail_from, got["gus@d.test"].mail_from
+    assert d.app is not None
+    host, port = d.app.config.listener_listen
+    reader, writer = await asyncio.open_connection(host, port)
+    smuggled = (f"Subject: hi\r\n\r\nbody\n.\nMAIL FROM:<>\r\nRCPT TO:<{gus}>\r\nDATA\r\n"
+                f"{dsn(gus, 'gus@d.test').decode()}\r\n.\r\nQUIT\r\n")
+    script = f"EHLO x\r\nMAIL FROM:<>\r\nRCPT TO:<{fay}>\r\nDATA\r\n".encode()
+    writer.write(script)
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    writer.write(smuggled.encode())
+    await writer.drain()
+    await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await asyncio.sleep(0.3)
+    # one message, to fay's address; nothing was recorded about gus's message
+    h = d.app.signer.address_hash
+    assert all(e.get("recipient_hash") == h("fay@d.test") for e in await d.events("bounced"))
+    assert not d.app.returns.is_suppressed("acme", h("gus@d.test")), "the smuggled second message was processed"
