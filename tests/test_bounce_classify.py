@@ -19,7 +19,7 @@ from mta.types import Reply
 
 # Floors on the development corpus: raise them when the classifier improves, never lower
 # them to make a change pass. (Issue 5's targets: hard/soft 0.97, reason 0.90, ARF 0.98.)
-FLOORS = {"hard_soft": 0.90, "reason": 0.84, "fbl": 1.0, "recall": 0.98, "auto_reply": 1.0, "negatives": 1.0}
+FLOORS = {"hard_soft": 0.91, "reason": 0.85, "fbl": 1.0, "recall": 0.98, "auto_reply": 1.0, "negatives": 1.0}
 
 
 @pytest.mark.skipif(not (DEFAULT_CORPUS / "labels.jsonl").exists(), reason="corpus not beside the checkout")

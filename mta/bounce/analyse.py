@@ -10,6 +10,7 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from email.message import Message
+from typing import Any
 
 from ..types import Classification, Reply
 from . import dsn, mime, textual
@@ -126,7 +127,7 @@ def _ses(body: str, rules: RuleSet) -> list[Result] | None:
     try:
         doc, _ = json.JSONDecoder().raw_decode(body[start:])
     except ValueError:
-        return None
+        doc = _ses_salvage(body[start:])
     if not isinstance(doc, dict):
         return None
     kind = str(doc.get("notificationType") or doc.get("eventType") or "").lower()
@@ -151,6 +152,18 @@ def _ses(body: str, rules: RuleSet) -> list[Result] | None:
     return out
 
 
+def _ses_salvage(text: str) -> dict[str, Any]:
+    """The recipients of a notification whose JSON was mangled in transit (folded lines)."""
+    kind = re.search(r'"notificationType"\s*:\s*"(\w+)"', text)
+    recipients = []
+    for obj in re.finditer(r'\{[^{}]*"emailAddress"\s*:\s*"[^"]+"[^{}]*\}', text):
+        fields = dict(re.findall(r'"(\w+)"\s*:\s*"([^"]*)"', obj.group(0)))
+        recipients.append(fields)
+    key = "complainedRecipients" if kind and kind.group(1).lower() == "complaint" else "bouncedRecipients"
+    section = "complaint" if key == "complainedRecipients" else "bounce"
+    return {"notificationType": kind.group(1) if kind else "", section: {key: recipients}}
+
+
 # --- bounces -------------------------------------------------------------------------------
 
 def _classify(rep: dsn.Report, context: str, rules: RuleSet) -> Result:
@@ -168,6 +181,9 @@ def _classify(rep: dsn.Report, context: str, rules: RuleSet) -> Result:
         # a temporary network failure that the reporting MTA gave up on: it expired
         reason = "expired"
     temporary = (rep.status or "").startswith("4")
+    if temporary and rep.action == "failed" and not rep.diagnostic.strip():
+        # a temporary status the reporting MTA gave up on, with nothing more said: it expired
+        reason = "expired"
     if reason == "hostunknown" and temporary:
         # a DNS failure the reporting MTA calls temporary says nothing final about the domain
         reason = "networkerror"
