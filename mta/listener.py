@@ -24,6 +24,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -167,15 +168,15 @@ class ReturnHandler:
                 and self.signer.address_hash(result.recipient) == rhash):
             # the address left the spool when delivery was final; the report may name it
             address = result.recipient
-        signal = Signal(kind, job.account, job.campaign, rhash, address, job.job_id, ref.recipient)
+        detail: dict[str, Any] = {}
         if kind == "bounced" and result is not None:
             code = " ".join(str(x) for x in (result.replycode, result.status) if x)
-            signal = Signal(kind, job.account, job.campaign, rhash, address, job.job_id, ref.recipient,
-                            result.kind, result.reason, code or None)
+            detail = {"kind": result.kind, "reason": result.reason, "code": code or None}
         elif kind == "complained" and result is not None:
-            signal = Signal(kind, job.account, job.campaign, rhash, None, job.job_id, ref.recipient,
-                            feedback_type=result.feedback_type or "abuse")
-        await self.returns.record(signal)
+            address = None  # SPEC §8: never the complainer's address
+            detail = {"feedback_type": result.feedback_type or "abuse"}
+        await self.returns.record(Signal(kind, job.account, job.campaign, rhash, address, job.job_id,
+                                         ref.recipient, **detail))
 
 
 def _state(session: Session) -> SessionState:

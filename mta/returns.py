@@ -21,7 +21,7 @@ from typing import Any
 from . import metrics
 from .events import event_row
 from .logs import get as get_logger
-from .queue.spool import Spool, add_returns, append_events, delete_suppression, put_suppression
+from .queue.spool import Spool, add_return, append_events, delete_suppression, put_suppression
 
 log = get_logger("mta.returns")
 
@@ -63,9 +63,9 @@ class Suppression:
 
     def load(self, rows: Any) -> None:
         for account, rhash, address, reason, when in rows:
-            self._add(account, rhash, address, reason, when)
+            self.add(account, rhash, address, reason, when)
 
-    def _add(self, account: str, rhash: str, address: str | None, reason: str, when: float) -> bool:
+    def add(self, account: str, rhash: str, address: str | None, reason: str, when: float) -> bool:
         key = (account, rhash)
         old = self._entries.get(key)
         if old is not None:
@@ -100,24 +100,16 @@ class Returns:
         self.clock = clock
         self.suppression = Suppression()
         self.listeners: list[Listener] = []
-        self._seen: set[tuple[int, str]] = set()
 
     def load(self) -> None:
-        """State from the spool: who is suppressed, which messages already came back."""
+        """The suppression lists from the spool."""
         self.suppression.load(self.spool.suppression())
-        self._seen = {(int(r), str(t)) for r, t in self.spool.returned()}
 
     def is_suppressed(self, account: str, rhash: str) -> bool:
         return self.suppression.is_suppressed(account, rhash)
 
     async def record(self, s: Signal) -> bool:
         """Record a signal durably; False when this message already had one of this type."""
-        if s.recipient_row is not None:
-            key = (s.recipient_row, s.type)
-            if key in self._seen:
-                log.info("return_duplicate", type=s.type, account=s.account, campaign=s.campaign)
-                return False
-            self._seen.add(key)
         now = self.clock()
         body: dict[str, Any] = {"campaign": s.campaign, "source": s.source}
         if s.job_id is not None:
@@ -132,11 +124,13 @@ class Returns:
         if s.type == "bounced":
             body.update({"kind": s.kind, "reason": s.reason, "code": s.code, "async": True})
         suppress = self._suppressions(s, now)
-        returns = [(s.recipient_row, s.type)] if s.recipient_row is not None else []
         events = [event_row(s.type, s.account, body, now)]
-        await self.spool.transact(_write, events, suppress, returns)
-        for account, rhash, address, reason, when in suppress:
-            self.suppression._add(account, rhash, address, reason, when)
+        # the spool's (recipient, type) key decides what is a repeat (receivers resend DSNs)
+        if not await self.spool.transact(_write, events, suppress, s.recipient_row, s.type):
+            log.info("return_duplicate", type=s.type, account=s.account, campaign=s.campaign)
+            return False
+        for row in suppress:
+            self.suppression.add(*row)
         if s.type == "bounced":
             metrics.BOUNCES.labels(s.kind or "soft", s.reason or "undefined").inc()
         elif s.type == "complained":
@@ -169,7 +163,7 @@ class Returns:
         rhash = self.address_hash(address)
         row = (account or GLOBAL, rhash, address.strip().lower(), reason, self.clock())
         await self.spool.transact(put_suppression, [row])
-        added = self.suppression._add(*row)
+        added = self.suppression.add(*row)
         return {"account": account, "hash": rhash, "added": added}
 
     async def remove(self, account: str | None, address: str) -> dict[str, Any]:
@@ -180,10 +174,12 @@ class Returns:
 
 
 def _write(conn: Any, events: list[tuple[float, str, str | None, bytes]],
-           suppress: list[tuple[str, str, str | None, str, float]], returns: list[tuple[int | None, str]]) -> None:
+           suppress: list[tuple[str, str, str | None, str, float]], recipient_row: int | None, stype: str) -> bool:
+    """Everything a signal writes, in one transaction; False (and nothing written) for a repeat."""
+    if recipient_row is not None and not add_return(conn, recipient_row, stype):
+        return False
     append_events(conn, events)
     if suppress:
         put_suppression(conn, suppress)
-    if returns:
-        add_returns(conn, [(r, t) for r, t in returns if r is not None])
+    return True
 

@@ -176,6 +176,16 @@ async def wait_for(predicate: Any, timeout: float = 20.0, interval: float = 0.05
         await asyncio.sleep(interval)
 
 
+async def poll_events(d: Daemon, etype: str, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Events of a type, once there are at least n of them."""
+    for _ in range(int(timeout / 0.1)):
+        events = await d.events(etype)
+        if len(events) >= n:
+            return events
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"fewer than {n} {etype} events after {timeout}s")
+
+
 @pytest.fixture
 async def daemon_factory(tmp_path: Path) -> AsyncIterator[Any]:
     started: list[Daemon] = []

@@ -12,25 +12,9 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from .conftest import Daemon, job, wait_for
+from .conftest import Daemon, job, poll_events, wait_for
+from .mails import arf, dsn
 from .sinks import Sink
-
-
-def dsn(to: str, rcpt: str, status: str = "5.1.1", diag: str = "550 5.1.1 User unknown") -> bytes:
-    return (f"From: MAILER-DAEMON@mx.d.test\r\nTo: {to}\r\nSubject: Undelivered Mail Returned to Sender\r\n"
-            "MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=B\r\n\r\n"
-            "--B\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n"
-            "--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.d.test\r\n\r\n"
-            f"Final-Recipient: rfc822; {rcpt}\r\nAction: failed\r\nStatus: {status}\r\n"
-            f"Diagnostic-Code: smtp; {diag}\r\n\r\n--B--\r\n").encode()
-
-
-def arf(original: bytes) -> bytes:
-    return (b"From: fbl@isp.test\r\nTo: fbl@mlgnserv.com\r\nSubject: complaint\r\nMIME-Version: 1.0\r\n"
-            b"Content-Type: multipart/report; report-type=feedback-report; boundary=B\r\n\r\n"
-            b"--B\r\nContent-Type: text/plain\r\n\r\nThis is an abuse report.\r\n"
-            b"--B\r\nContent-Type: message/feedback-report\r\n\r\nFeedback-Type: abuse\r\nVersion: 1\r\n"
-            b"User-Agent: test/1\r\n\r\n--B\r\nContent-Type: message/rfc822\r\n\r\n" + original + b"\r\n--B--\r\n")
 
 
 async def send(d: Daemon, mail_from: str, rcpts: list[str], data: bytes) -> tuple[dict[str, Any], str]:
@@ -59,7 +43,7 @@ async def test_dsn_to_verp_address_bounces_and_suppresses(daemon_factory: Any, s
     assert re.fullmatch(r"b-[a-z2-7]+@bounces\.[a-z0-9.]+", verp)
     errors, _ = await send(d, "", [verp], dsn(verp, "ann@d.test"))
     assert errors == {}
-    events = await wait_for_events(d, "bounced", 1)
+    events = await poll_events(d, "bounced", 1)
     assert events[0]["recipient"] == "ann@d.test" and events[0]["kind"] == "hard"
     assert events[0]["reason"] == "userunknown" and events[0]["async"] is True
     # the same DSN again (receivers retry) is not counted twice
@@ -72,22 +56,13 @@ async def test_dsn_to_verp_address_bounces_and_suppresses(daemon_factory: Any, s
     assert d.app is not None and d.app.returns.is_suppressed("anyone", d.app.signer.address_hash("ann@d.test"))
 
 
-async def wait_for_events(d: Daemon, etype: str, n: int) -> list[dict[str, Any]]:
-    for _ in range(100):
-        events = await d.events(etype)
-        if len(events) >= n:
-            return events
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"no {n} {etype} events")
-
-
 async def test_arf_to_fbl_address_and_unsubscribe(daemon_factory: Any, sink: Sink) -> None:
     d = await daemon_factory(static={"d.test": [sink.addr]})
     got = await delivered(d, sink, ["carl@d.test", "dora@d.test"])
     original = b"Return-Path: <" + got["carl@d.test"].mail_from.encode() + b">\r\n" + got["carl@d.test"].data
     errors, _ = await send(d, "fbl@isp.test", ["fbl@mlgnserv.com"], arf(original))
     assert errors == {}
-    [complaint] = await wait_for_events(d, "complained", 1)
+    [complaint] = await poll_events(d, "complained", 1)
     assert "carl@d.test" not in str(complaint) and complaint["recipient_hash"] and complaint["feedback_type"] == "abuse"
     # the List-Unsubscribe mailto of dora's message
     msg = email.message_from_bytes(got["dora@d.test"].data)
@@ -95,7 +70,7 @@ async def test_arf_to_fbl_address_and_unsubscribe(daemon_factory: Any, sink: Sin
     unsub = b"From: dora@d.test\r\nTo: " + mailto.encode() + b"\r\nSubject: unsubscribe\r\n\r\nunsubscribe\r\n"
     errors, _ = await send(d, "dora@d.test", [mailto], unsub)
     assert errors == {}
-    [event] = await wait_for_events(d, "unsubscribed", 1)
+    [event] = await poll_events(d, "unsubscribed", 1)
     assert event["recipient"] in ("dora@d.test", None)
     answer = await d.submit(job("j2", ["carl@d.test", "dora@d.test"]))
     assert {r["code"] for r in answer["rejected"]} == {"suppressed"} and answer["accepted"] == 0
@@ -122,7 +97,7 @@ async def test_forged_relay_oversized_and_malformed_change_nothing(daemon_factor
     assert not [e for e in events if e["type"] in ("bounced", "complained", "unsubscribed")]
     # still serving: a genuine DSN now counts
     await send(d, "", [verp], dsn(verp, "eve@d.test", "5.2.2", "552 5.2.2 Mailbox full"))
-    [event] = await wait_for_events(d, "bounced", 1)
+    [event] = await poll_events(d, "bounced", 1)
     assert (event["kind"], event["reason"]) == ("soft", "mailboxfull")
 
 

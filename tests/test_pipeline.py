@@ -7,18 +7,8 @@ import json
 import urllib.request
 from typing import Any
 
-from .conftest import Client, Daemon, job, wait_for
+from .conftest import Client, job, poll_events, wait_for
 from .sinks import Sink
-
-
-async def poll_events(d: Daemon, etype: str, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-    """Events of a type, once there are at least n of them."""
-    for _ in range(int(timeout / 0.1)):
-        events = await d.events(etype)
-        if len(events) >= n:
-            return events
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"fewer than {n} {etype} events after {timeout}s")
 
 
 async def test_delivers_each_recipient_once_with_retries_and_bounces(daemon_factory: Any, sink: Sink) -> None:

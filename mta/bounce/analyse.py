@@ -44,6 +44,8 @@ _AUTO_SUBJECT = re.compile(r"^\s*(auto(matic)?[ -]?(reply|response|antwort|répo
                            r"vacation|abwesenheit|absence|away from|on leave|réponse automatique|"
                            r"risposta automatica|respuesta automática|autosvar|automaattinen)", re.I)
 _ARF_TEXT = re.compile(r"^feedback-type:\s*([\w-]+)", re.I | re.M)
+_BOUNCE_BODY = re.compile(r"could not be delivered|delivery to the following|permanent(ly)? fatal|"
+                          r"following (address|recipient)|was not delivered|not be delivered", re.I)
 _STAGE_COMMAND = {"connect": "CONN", "mail": "MAIL", "rcpt": "RCPT", "data": "DATA"}
 
 
@@ -61,23 +63,9 @@ def _first_addr(value: str) -> str | None:
 def _report_fields(part: Message) -> dict[str, list[str]]:
     """Fields of a message/feedback-report part; repeated fields (Original-Rcpt-To) kept."""
     fields: dict[str, list[str]] = {}
-
-    def add_text(text: str) -> None:
-        for line in text.splitlines():
-            if ":" in line and not line[:1].isspace():
-                k, v = line.split(":", 1)
-                fields.setdefault(k.strip().lower(), []).append(v.strip())
-
-    payload = part.get_payload()
-    if isinstance(payload, str):
-        add_text(payload)
-    for block in payload if isinstance(payload, list) else []:
-        if isinstance(block, Message):
-            for k, v in block.items():
-                fields.setdefault(k.lower(), []).append(" ".join(str(v).split()))
-            inner = block.get_payload()
-            if isinstance(inner, str):
-                add_text(inner)
+    for block in dsn.field_blocks(part):
+        for name, value in block:
+            fields.setdefault(name, []).append(value)
     return fields
 
 
@@ -204,9 +192,7 @@ def _is_bounce(msg: Message, body: str, strict: bool) -> bool:
     subject = mime.header(msg, "Subject")
     if _BOUNCE_FROM.search(sender) or _BOUNCE_SUBJECT.search(subject):
         return True
-    return not strict and bool(re.search(r"could not be delivered|delivery to the following|permanent(ly)? fatal|"
-                             r"following (address|recipient)|was not delivered|not be delivered",
-                             body[:4000], re.I))
+    return not strict and bool(_BOUNCE_BODY.search(body[:4000]))
 
 
 def _bounce(msg: Message, body: str, rules: RuleSet) -> list[Result]:

@@ -58,48 +58,56 @@ def reply_in(text: str) -> int | None:
     return None
 
 
-def _blocks(text: str) -> list[dict[str, str]]:
+Fields = list[tuple[str, str]]  # (lower-cased name, value) in order, repeats kept
+
+
+def text_blocks(text: str) -> list[Fields]:
     """Field blocks separated by blank lines, continuation lines folded in."""
-    blocks: list[dict[str, str]] = []
-    current: dict[str, str] = {}
-    last = ""
+    blocks: list[Fields] = []
+    current: Fields = []
+    folding = False
     for line in text.split("\n"):
         if not line.strip():
             if current:
                 blocks.append(current)
-            current, last = {}, ""
+            current, folding = [], False
             continue
-        if line[:1] in (" ", "\t") and last:
-            current[last] += " " + line.strip()
+        if line[:1] in (" ", "\t") and folding:
+            name, value = current[-1]
+            current[-1] = (name, f"{value} {line.strip()}")
             continue
         m = _FIELD.match(line)
+        folding = m is not None
         if m:
-            last = m.group(1).lower()
-            current.setdefault(last, m.group(2).strip())
-        else:
-            last = ""
+            current.append((m.group(1).lower(), m.group(2).strip()))
     if current:
         blocks.append(current)
     return blocks
 
 
-def _part_blocks(part: Message) -> list[dict[str, str]]:
+def field_blocks(part: Message) -> list[Fields]:
+    """The field blocks of a message/delivery-status or message/feedback-report part."""
     payload = part.get_payload()
-    if isinstance(payload, list):
-        out = []
-        for block in payload:
-            if isinstance(block, Message):
-                fields: dict[str, str] = {}
-                for k, v in block.items():
-                    fields.setdefault(k.lower(), " ".join(str(v).split()))
-                out.append(fields)
-        # compat32 splits on blank lines; a block can still hide more blocks in its body
-        for block in payload:
-            inner = block.get_payload() if isinstance(block, Message) else None
-            if isinstance(inner, str):
-                out.extend(_blocks(inner))
-        return out
-    return _blocks(mime.part_text(part))
+    if not isinstance(payload, list):
+        return text_blocks(mime.part_text(part))
+    out: list[Fields] = []
+    for block in payload:
+        if isinstance(block, Message):
+            out.append([(k.lower(), " ".join(str(v).split())) for k, v in block.items()])
+    # compat32 splits on blank lines; a block can still hide more blocks in its body
+    for block in payload:
+        inner = block.get_payload() if isinstance(block, Message) else None
+        if isinstance(inner, str):
+            out.extend(text_blocks(inner))
+    return out
+
+
+def _first(fields: Fields) -> dict[str, str]:
+    """A block as a mapping; a repeated field keeps its first value."""
+    out: dict[str, str] = {}
+    for name, value in fields:
+        out.setdefault(name, value)
+    return out
 
 
 def _report(fields: dict[str, str]) -> Report | None:
@@ -129,15 +137,15 @@ def reports(msg: Message) -> list[Report]:
     found: list[Report] = []
     for part in mime.walk(msg):
         if part.get_content_type() in ("message/delivery-status", "message/global-delivery-status"):
-            for fields in _part_blocks(part):
-                rep = _report(fields)
+            for fields in field_blocks(part):
+                rep = _report(_first(fields))
                 if rep is not None:
                     found.append(rep)
     if not found:
         text = mime.body_text(msg)
         if re.search(r"^(final|original)-recipient\s*:", text, re.I | re.M):
-            for fields in _blocks(text):
-                rep = _report(fields)
+            for fields in text_blocks(text):
+                rep = _report(_first(fields))
                 if rep is not None and rep.recipient:
                     found.append(rep)
     # Some MTAs give one block per recipient with Original- and Final-Recipient; dedupe

@@ -303,9 +303,6 @@ class Spool:
                                     (rowid,)).fetchone()
         return (int(row[0]), str(row[1]), row[2], int(row[3])) if row else None
 
-    def returned(self) -> Iterable[tuple[int, str]]:
-        return [(int(r), str(t)) for r, t in self.reader.execute("SELECT recipient, type FROM returns")]
-
     def suppression(self) -> Iterable[tuple[str, str, str | None, str, float]]:
         return list(self.reader.execute("SELECT account, hash, address, reason, time FROM suppression"))
 
@@ -349,8 +346,10 @@ def set_deferred(conn: sqlite3.Connection, rows: list[tuple[int, float, int]]) -
     conn.executemany("UPDATE recipients SET attempts = ?, next_at = ? WHERE id = ? AND state = 0", rows)
 
 
-def add_returns(conn: sqlite3.Connection, rows: list[tuple[int, str]]) -> None:
-    conn.executemany("INSERT OR IGNORE INTO returns (recipient, type) VALUES (?, ?)", rows)
+def add_return(conn: sqlite3.Connection, recipient: int, rtype: str) -> bool:
+    """Mark a message as returned with this type; False when it already was."""
+    cur = conn.execute("INSERT OR IGNORE INTO returns (recipient, type) VALUES (?, ?)", (recipient, rtype))
+    return cur.rowcount == 1
 
 
 def put_suppression(conn: sqlite3.Connection, rows: list[tuple[str, str, str | None, str, float]]) -> None:
