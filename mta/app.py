@@ -29,6 +29,9 @@ from .listener import attach
 from .logs import get as get_logger
 from .logs import setup as setup_logs
 from .policy.accounts import AccountBook
+from .policy.counters import CampaignBook
+from .policy.enforce import PolicyEnforcer
+from .policy.review import ReviewDesk
 from .queue.ready import ReadyQueues
 from .queue.scheduler import Scheduler
 from .queue.spool import Spool, put_kv
@@ -87,6 +90,16 @@ class App:
 
         self.submit_service = SubmitService(cfg, self.spool, self.accounts, self.scheduler, self.signer.address_hash,
                                             self.returns)
+        self.review = ReviewDesk(self.spool, self.scheduler.add)
+        self.campaigns = CampaignBook(self.spool)
+        self.campaigns.load()
+        self.policy = PolicyEnforcer(cfg.policy, self.accounts, self.campaigns, self.spool,
+                                     send_notice=self.submit_service.submit_notice)
+        self.results.listeners.append(self.policy.on_outcome)
+        self.results.write_hooks.append(self.campaigns.take_writes)
+        self.returns.write_hooks.append(self.policy.signal_writes)
+        self.returns.listeners.append(self.policy.on_signal)
+        self.accounts.on_status.append(self.policy.on_status)
         self.listener = attach(cfg, self.signer, self.spool, self.returns, self.spool.job)
         self.submit_server = JsonLineServer(cfg.submit_socket, self.submit_service.handle,
                                             max_line=cfg.max_line_bytes, mode=0o660, group=cfg.submit_group,
@@ -235,7 +248,7 @@ class App:
                       "commits": self.spool.commits, "error": self.spool.last_error or None},
             "connections": self.ready.stats(), "paused_accounts": paused,
             "throttles": [t.state(time.time()) for t in self.throttles.all()],
-            "accounts": len(self.accounts.accounts),
+            "accounts": len(self.accounts.accounts), "review": self.review.count(),
             "not_yet_in_effect": list(self.config.not_yet_in_effect),
         }
 
@@ -251,6 +264,7 @@ class App:
         kept = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
         self.config = new
         self.results.config = new
+        self.policy.policy = new.policy
         self.submit_service.config = new
         self.dispatcher.reconfigure(new, signers)
         self.ready.rules = RuleBook(new.shaping)

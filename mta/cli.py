@@ -183,6 +183,20 @@ def cmd_accounts(args: argparse.Namespace) -> int:
     return 0
 
 
+REVIEW_COLUMNS = ["id", "account", "campaign", "recipient", "subject", "queued_at"]
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        emit(args, control(args, "review.list", account=args.account, limit=args.limit),
+             lambda rows: _table(rows, REVIEW_COLUMNS, "waiting for review"))
+        return 0
+    if not args.ids and not args.all:
+        raise CliError("invalid_argument", f"mta review {args.action} needs message ids, or --account ID --all")
+    emit(args, control(args, f"review.{args.action}", ids=args.ids, account=args.account, all=args.all))
+    return 0
+
+
 SUPPRESS_COLUMNS = ["account", "address", "hash", "reason", "time"]
 
 
@@ -288,6 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
         if action != "list":
             sp.add_argument("address", help="an address (remove also takes its hash)")
         sp.add_argument("--account", help="the account's list (default: the global list)")
+
+    review = sub.add_parser("review", help="trial-account messages waiting for manual review")
+    rsub = review.add_subparsers(dest="action", required=True)
+    for action in ("list", "approve", "reject"):
+        rp = rsub.add_parser(action)
+        _common(rp)
+        rp.set_defaults(func=cmd_review)
+        rp.add_argument("--account", help="only this account's messages")
+        if action == "list":
+            rp.add_argument("--limit", type=int, default=1000)
+        else:
+            rp.add_argument("ids", nargs="*", metavar="MSG", help="ids from `mta review list`")
+            rp.add_argument("--all", action="store_true", help="every waiting message of --account")
 
     accounts = sub.add_parser("accounts", help="account admin")
     asub = accounts.add_subparsers(dest="action", required=True)

@@ -8,6 +8,7 @@ and reported by `Config.not_yet_in_effect`.
 
 from __future__ import annotations
 
+import email.utils
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -127,6 +128,13 @@ class Policy:
     abuse_pause: float = 0.005
     unsubscribe_pause: float = 0.01
     notice_from: str = "Mailigen Compliance <compliance@mlgnserv.com>"
+    # Not in SPEC §3: how many remote replies naming a blocklist pause an account ("past a
+    # small count", SPEC §1), counted since the account was last resumed.
+    blocklist_pause: int = 5
+
+    @property
+    def notice_address(self) -> str:
+        return email.utils.parseaddr(self.notice_from)[1]
 
 
 @dataclass(frozen=True)
@@ -336,8 +344,13 @@ def parse_config(data: dict[str, Any], path: str = "<config>") -> Config:
         abuse_pause=pol.fraction("abuse_pause", 0.005),
         unsubscribe_pause=pol.fraction("unsubscribe_pause", 0.01),
         notice_from=pol.string("notice_from", Policy.notice_from),
+        blocklist_pause=pol.integer("blocklist_pause", 5, minimum=1),
     )
     pol.finish()
+    notice_addr = policy.notice_address
+    if "@" not in notice_addr or any(c in policy.notice_from for c in "\r\n\0"):
+        raise ConfigError(f"policy.notice_from: {policy.notice_from!r} is not an address like "
+                          "\"Compliance <compliance@mlgnserv.com>\"")
 
     delivery = top.table("delivery")
     tsec = delivery.table("timeouts")

@@ -22,14 +22,16 @@ from .config import Config
 from .events import event_row
 from .logs import get as get_logger
 from .queue.spool import Spool, append_events, set_deferred, set_final
-from .types import Classification, Disposition, Outcome, State, Verdict
+from .types import Classification, Disposition, Outcome, State, Verdict, WriteOp
 
 log = get_logger("mta.delivery")
 Listener = Callable[[Disposition, Outcome, Classification | None], None]
 
 
 def _write_outcomes(conn: Any, finals: list[tuple[int, int]], deferrals: list[tuple[int, float, int]],
-                    events: list[tuple[float, str, str | None, bytes]]) -> None:
+                    events: list[tuple[float, str, str | None, bytes]], extras: list[WriteOp]) -> None:
+    for fn, args in extras:  # the listeners' own writes (policy counters) about these outcomes
+        fn(conn, *args)
     if finals:
         set_final(conn, finals)
     if deferrals:
@@ -48,6 +50,9 @@ class Results:
         self.address_hash = address_hash
         self.clock = clock
         self.listeners: list[Listener] = []
+        # writes the listeners owe for what they were told, taken at each flush so they
+        # commit in the same transaction as the outcomes behind them
+        self.write_hooks: list[Callable[[], list[WriteOp]]] = []
         self._finals: list[tuple[int, int]] = []
         self._deferrals: list[tuple[int, float, int]] = []
         self._events: list[tuple[float, str, str | None, bytes]] = []
@@ -119,7 +124,8 @@ class Results:
             return
         finals, deferrals, events = self._finals, self._deferrals, self._events
         self._finals, self._deferrals, self._events = [], [], []
-        self.spool.post(_write_outcomes, finals, deferrals, events)
+        extras = [op for hook in self.write_hooks for op in hook()]
+        self.spool.post(_write_outcomes, finals, deferrals, events, extras)
         if self._accounting and self.accounting is not None:
             records, self._accounting = self._accounting, []
             self.accounting.write(records)

@@ -22,6 +22,7 @@ from . import metrics
 from .events import event_row
 from .logs import get as get_logger
 from .queue.spool import Spool, add_return, append_events, delete_suppression, put_suppression
+from .types import WriteOp
 
 log = get_logger("mta.returns")
 
@@ -100,6 +101,9 @@ class Returns:
         self.clock = clock
         self.suppression = Suppression()
         self.listeners: list[Listener] = []
+        # writes a listener owes for a signal (policy counters), done in the signal's own
+        # transaction and only if it is not a repeat
+        self.write_hooks: list[Callable[[Signal], list[WriteOp]]] = []
 
     def load(self) -> None:
         """The suppression lists from the spool."""
@@ -126,7 +130,8 @@ class Returns:
         suppress = self._suppressions(s, now)
         events = [event_row(s.type, s.account, body, now)]
         # the spool's (recipient, type) key decides what is a repeat (receivers resend DSNs)
-        if not await self.spool.transact(_write, events, suppress, s.recipient_row, s.type):
+        extras = [op for hook in self.write_hooks for op in hook(s)]
+        if not await self.spool.transact(_write, events, suppress, s.recipient_row, s.type, extras):
             log.info("return_duplicate", type=s.type, account=s.account, campaign=s.campaign)
             return False
         for row in suppress:
@@ -174,11 +179,14 @@ class Returns:
 
 
 def _write(conn: Any, events: list[tuple[float, str, str | None, bytes]],
-           suppress: list[tuple[str, str, str | None, str, float]], recipient_row: int | None, stype: str) -> bool:
+           suppress: list[tuple[str, str, str | None, str, float]], recipient_row: int | None, stype: str,
+           extras: list[WriteOp]) -> bool:
     """Everything a signal writes, in one transaction; False (and nothing written) for a repeat."""
     if recipient_row is not None and not add_return(conn, recipient_row, stype):
         return False
     append_events(conn, events)
+    for fn, args in extras:
+        fn(conn, *args)
     if suppress:
         put_suppression(conn, suppress)
     return True

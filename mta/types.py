@@ -6,9 +6,14 @@ Only plain data lives here, so every stage can import it without importing anoth
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
+
+# A spool write to run inside someone else's transaction: (fn(conn, *args), args).
+WriteOp = tuple[Callable[..., Any], tuple[Any, ...]]
 
 
 class Content(msgspec.Struct, omit_defaults=True):
@@ -21,6 +26,9 @@ class Content(msgspec.Struct, omit_defaults=True):
     raw: str | None = None
     headers: dict[str, str] = {}
     list_unsubscribe_url: str | None = None
+    # The daemon's own notices (policy): no List-Unsubscribe, no footer. Never taken from a
+    # submitted job (submit.job.content_of does not copy it).
+    transactional: bool = False
 
 
 class State(enum.IntEnum):

@@ -27,6 +27,11 @@ class RuleSet:
     list_reason: str = "rejected"
     strong_status: frozenset[str] = frozenset()
     unless_rcpt: dict[str, str] = field(default_factory=dict)
+    blocklist: re.Pattern[str] | None = None
+
+    def names_blocklist(self, text: str) -> bool:
+        """Whether a reply or diagnostic names a DNS blocklist (the policy's blocklisting rule)."""
+        return bool(text) and self.blocklist is not None and self.blocklist.search(text) is not None
 
     def _match(self, text: str, weak: bool = False) -> str | None:
         """The first rule whose pattern occurs in the text, by its (possibly tagged) name."""
@@ -92,10 +97,12 @@ def load(data: bytes | None = None) -> RuleSet:
             unless_rcpt[reason] = rule["unless_rcpt"]
         (weak if rule.get("weak") else text).append((reason, re.compile(joined, re.I)))
     lists = doc.get("lists", {})
+    blocklist_patterns = doc.get("blocklists", {}).get("patterns", [])
+    blocklist = re.compile("|".join(f"(?:{p})" for p in blocklist_patterns), re.I) if blocklist_patterns else None
     return RuleSet(tuple(text), tuple(weak), dict(doc.get("status", {})), dict(doc.get("command", {})),
                    frozenset(doc.get("hard", [])), frozenset(lists.get("domains", [])),
                    lists.get("reason", "rejected"),
-                   frozenset(doc.get("strong_status", {}).get("codes", [])), unless_rcpt)
+                   frozenset(doc.get("strong_status", {}).get("codes", [])), unless_rcpt, blocklist)
 
 
 RULES = load()

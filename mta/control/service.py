@@ -37,6 +37,9 @@ class ControlService:
             "accounts.approve": self.accounts_approve,
             "accounts.pause": self.accounts_pause,
             "accounts.resume": self.accounts_resume,
+            "review.list": self.review_list,
+            "review.approve": self.review_approve,
+            "review.reject": self.review_reject,
             "suppress.list": self.suppress_list,
             "suppress.add": self.suppress_add,
             "suppress.remove": self.suppress_remove,
@@ -115,7 +118,9 @@ class ControlService:
     async def accounts_show(self, request: dict[str, Any]) -> Any:
         account = self.app.accounts.get(self._account(request))
         assert account is not None
-        return account.view(time.time())
+        view = account.view(time.time())
+        view["campaigns"] = self.app.policy.campaign_views(account.id)
+        return view
 
     async def accounts_list(self, request: dict[str, Any]) -> Any:
         now = time.time()
@@ -130,6 +135,33 @@ class ControlService:
     async def accounts_pause(self, request: dict[str, Any]) -> Any:
         reason = str(request.get("reason") or "paused by an admin")
         return (await self.app.accounts.set_status(self._account(request), "paused", reason)).view(time.time())
+
+
+    # -- review --------------------------------------------------------------------------
+    async def review_list(self, request: dict[str, Any]) -> Any:
+        account = request.get("account") or None
+        if account is not None:
+            self._account({"id": account})
+        return self.app.review.waiting(account, int(request.get("limit") or 1000))
+
+    def _review_target(self, request: dict[str, Any]) -> tuple[list[str] | None, str | None]:
+        ids = request.get("ids") or []
+        account = request.get("account") or None
+        if account is not None:
+            self._account({"id": account})
+        if request.get("all"):
+            if account is None:
+                raise ValueError("--all needs --account ID")
+            return None, account
+        if not ids:
+            raise ValueError("name the message ids to decide (see `mta review list`), or --account ID --all")
+        return [str(i) for i in ids], account
+
+    async def review_approve(self, request: dict[str, Any]) -> Any:
+        return await self.app.review.approve(*self._review_target(request))
+
+    async def review_reject(self, request: dict[str, Any]) -> Any:
+        return await self.app.review.reject(*self._review_target(request))
 
 
 def _address(request: dict[str, Any]) -> str:

@@ -83,6 +83,9 @@ class CompiledJob:
                  unsubscribe_local_part: str, *, footer: tuple[str, str] | None = None,
                  dkim: list[DkimSigner] | None = None):
         content = msgspec.json.decode(content_blob, type=Content)
+        self.transactional = content.transactional
+        if self.transactional:
+            footer = None  # a notice to the customer is not marketing mail
         self.job = job
         self.dkim = dkim or []
         self.footer = footer
@@ -140,14 +143,15 @@ class CompiledJob:
             lines.append(f"Date: {rfc5322_date()}")
         if msgid:
             lines.append(f"Message-ID: <{self.job.rowid}.{row.idx}.{self.nonce}@{sd.name}>")
-        unsub = self.signer.make(UNSUBSCRIBE, self.job.rowid, row.rowid)
-        targets = [f"<mailto:{self.unsub_local}-{unsub}@{sd.bounce_domain}?subject=unsubscribe>"]
-        url = self.url.render(values) if self.url else ""
-        if url:
-            targets.append(f"<{url}>")
-        lines.append("List-Unsubscribe: " + ",\r\n ".join(targets))
-        if url:
-            lines.append("List-Unsubscribe-Post: List-Unsubscribe=One-Click")
+        if not self.transactional:
+            unsub = self.signer.make(UNSUBSCRIBE, self.job.rowid, row.rowid)
+            targets = [f"<mailto:{self.unsub_local}-{unsub}@{sd.bounce_domain}?subject=unsubscribe>"]
+            url = self.url.render(values) if self.url else ""
+            if url:
+                targets.append(f"<{url}>")
+            lines.append("List-Unsubscribe: " + ",\r\n ".join(targets))
+            if url:
+                lines.append("List-Unsubscribe-Post: List-Unsubscribe=One-Click")
         lines.append(f"Feedback-ID: {self.feedback_id}")
         for name, value in self.extra:
             lines.append(f"{name}: {encode_header_value(value.render(values))}")

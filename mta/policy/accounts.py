@@ -22,6 +22,9 @@ STATUSES = ("active", "review", "paused", "suspended")
 NEW_ACCOUNT_DAYS = 30
 MONTHLY_FACTOR = 109  # SPEC §1: monthly cap = 109 x subscriber level
 TRIAL_LIMIT = 100
+# The daemon's own mail (policy notices) is queued under this account: never held, never
+# judged, never charged. Account ids starting with "_" are reserved for it.
+SYSTEM_ACCOUNT = "_mta"
 
 
 class AccountError(ValueError):
@@ -37,6 +40,7 @@ class Account(msgspec.Struct):
     notify: str
     status: str = "review"
     pause_reason: str | None = None
+    pause_detail: dict[str, Any] | None = None  # rule, campaign, count, sample, rate, threshold
     hard_bounce_threshold: float | None = None  # None: the plan/age default
     credits: int | None = None
     created: str = ""  # YYYY-MM-DD, the sign-up date as the campaign system knows it
@@ -67,6 +71,7 @@ class Account(msgspec.Struct):
         this_month = datetime.fromtimestamp(now, UTC).strftime("%Y-%m")
         return {
             "id": self.id, "plan": self.plan, "status": self.status, "pause_reason": self.pause_reason,
+            "pause_detail": self.pause_detail,
             "subscribers": self.subscribers,
             "sent_this_month": self.sent_this_month if self.month == this_month else 0,
             "monthly_cap": self.monthly_cap, "hard_bounce_threshold": self.threshold(now),
@@ -87,6 +92,8 @@ class AccountBook:
         self.clock = clock
         self.accounts: dict[str, Account] = {}
         self.on_release: list[Callable[[str], None]] = []
+        # (account as it is now, previous status): after every durable status change
+        self.on_status: list[Callable[[Account, str], None]] = []
 
     def load(self) -> None:
         for account_id, data in self.spool.accounts():
@@ -96,6 +103,8 @@ class AccountBook:
         return self.accounts.get(account_id)
 
     def is_held(self, account_id: str) -> bool:
+        if account_id == SYSTEM_ACCOUNT:
+            return False
         account = self.accounts.get(account_id)
         if account is None or account.status != "active":
             return True
@@ -109,6 +118,8 @@ class AccountBook:
         """Create or change an account (`mta accounts set`); durable before it returns."""
         if not account_id or len(account_id) > 200 or any(c.isspace() for c in account_id):
             raise AccountError("invalid_argument", "account id must be 1-200 characters without spaces")
+        if account_id.startswith("_"):
+            raise AccountError("invalid_argument", "account ids starting with '_' are reserved for the daemon")
         old = self.accounts.get(account_id)
         if old is None:
             missing = [k for k in ("plan", "subscribers", "notify") if fields.get(k) is None]
@@ -125,25 +136,30 @@ class AccountBook:
             events.append(self._status_event(account, old.status))
         await self.spool.transact(_put, account, events)
         self.accounts[account_id] = account
-        if old is not None and old.status != "active" and account.status == "active":
-            self._released(account_id)
+        if old is not None:
+            self._changed(account, old.status)
         return account
 
     async def set_status(self, account_id: str, status: str, reason: str | None = None,
-                         extra: dict[str, Any] | None = None) -> Account:
+                         detail: dict[str, Any] | None = None) -> Account:
+        """Change an account's status. A hold (pause, review, suspension) takes effect in memory
+        at once, before the write is durable: mail must stop now, and holding it longer
+        than asked (if the write fails) never loses any. A release waits for the write."""
         account = self.accounts.get(account_id)
         if account is None:
             raise AccountError("unknown_account", f"no account {account_id!r}")
         if status not in STATUSES:
             raise AccountError("invalid_argument", f"status must be one of {', '.join(STATUSES)}")
         old_status = account.status
-        changed = msgspec.structs.replace(account, status=status,
-                                          pause_reason=reason if status == "paused" else None)
-        events = [self._status_event(changed, old_status, extra)] if old_status != status else []
+        paused = status == "paused"
+        changed = msgspec.structs.replace(account, status=status, pause_reason=reason if paused else None,
+                                          pause_detail=detail if paused else None)
+        events = [self._status_event(changed, old_status, detail)] if old_status != status else []
+        if status != "active":
+            self.accounts[account_id] = changed
         await self.spool.transact(_put, changed, events)
         self.accounts[account_id] = changed
-        if old_status != "active" and status == "active":
-            self._released(account_id)
+        self._changed(changed, old_status)
         return changed
 
     def replace(self, account: Account) -> None:
@@ -159,9 +175,14 @@ class AccountBook:
         body.update(extra or {})
         return event_row(etype, account.id, body, self.clock())
 
-    def _released(self, account_id: str) -> None:
-        for callback in self.on_release:
-            callback(account_id)
+    def _changed(self, account: Account, old_status: str) -> None:
+        if account.status == old_status:
+            return
+        if account.status == "active":
+            for release in self.on_release:
+                release(account.id)
+        for callback in self.on_status:
+            callback(account, old_status)
 
 
 def _validated(fields: dict[str, Any]) -> Account:

@@ -35,6 +35,8 @@ from .. import metrics
 from ..types import JobInfo
 
 log = logging.getLogger("mta.spool")
+# The policy counters of a campaign, in the order of the campaigns table's columns.
+COUNT_FIELDS = ("attempted", "delivered", "hard", "soft", "complaints", "unsubscribes", "blocklisted")
 T = TypeVar("T")
 
 SCHEMA = """
@@ -86,6 +88,24 @@ CREATE TABLE IF NOT EXISTS returns (  -- one bounce / complaint / unsubscribe pe
     recipient INTEGER NOT NULL,
     type TEXT NOT NULL,
     PRIMARY KEY (recipient, type)
+);
+CREATE TABLE IF NOT EXISTS campaigns (  -- policy counters per campaign (SPEC §1)
+    account TEXT NOT NULL,
+    campaign TEXT NOT NULL,
+    attempted INTEGER NOT NULL DEFAULT 0,   -- distinct recipients attempted
+    delivered INTEGER NOT NULL DEFAULT 0,
+    hard INTEGER NOT NULL DEFAULT 0,
+    soft INTEGER NOT NULL DEFAULT 0,
+    complaints INTEGER NOT NULL DEFAULT 0,  -- abuse, fraud, virus, other
+    unsubscribes INTEGER NOT NULL DEFAULT 0,
+    blocklisted INTEGER NOT NULL DEFAULT 0, -- remote replies naming a blocklist
+    base BLOB,                              -- the counts when the account was last resumed
+    warned INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (account, campaign)
+);
+CREATE TABLE IF NOT EXISTS review (  -- trial-account messages waiting for an admin (SPEC §1)
+    recipient INTEGER PRIMARY KEY,
+    time REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS kv (
     key TEXT PRIMARY KEY,
@@ -262,7 +282,8 @@ class Spool:
 
     def queued(self) -> Iterator[QueuedRef]:
         rows = self.reader.execute(
-            "SELECT id, job, domain, next_at FROM recipients WHERE state = 0 ORDER BY id")
+            "SELECT id, job, domain, next_at FROM recipients WHERE state = 0 "
+            "AND id NOT IN (SELECT recipient FROM review) ORDER BY id")
         for r in rows:
             yield QueuedRef(*r)
 
@@ -305,6 +326,32 @@ class Spool:
 
     def suppression(self) -> Iterable[tuple[str, str, str | None, str, float]]:
         return list(self.reader.execute("SELECT account, hash, address, reason, time FROM suppression"))
+
+    def campaigns(self) -> list[tuple[Any, ...]]:
+        """(account, campaign, *COUNT_FIELDS, base, warned) of every campaign with counters."""
+        return self.reader.execute(
+            f"SELECT account, campaign, {', '.join(COUNT_FIELDS)}, base, warned FROM campaigns").fetchall()
+
+    def review_items(self, rowids: Sequence[int] | None = None, account: str | None = None,
+                     limit: int = 1000) -> list[tuple[Any, ...]]:
+        """(recipient row, job row, account, campaign, job_id, email, domain, vars, template, time)
+        of messages waiting for review: the given rows, or an account's, or all (oldest first)."""
+        sql = ("SELECT r.id, j.id, j.account, j.campaign, j.job_id, r.email, r.domain, r.vars, j.template, v.time "
+               "FROM review v JOIN recipients r ON r.id = v.recipient JOIN jobs j ON j.id = r.job "
+               "WHERE r.state = 0")
+        args: list[Any] = []
+        if rowids is not None:
+            sql += f" AND v.recipient IN ({','.join('?' * len(rowids))})"
+            args += list(rowids)
+        if account is not None:
+            sql += " AND j.account = ?"
+            args.append(account)
+        sql += " ORDER BY v.recipient LIMIT ?"
+        args.append(limit)
+        return self.reader.execute(sql, args).fetchall()
+
+    def review_count(self) -> int:
+        return int(self.reader.execute("SELECT count(*) FROM review").fetchone()[0])
 
     def kv(self, key: str) -> bytes | None:
         r = self.reader.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
@@ -369,6 +416,33 @@ def put_account(conn: sqlite3.Connection, account_id: str, data: bytes) -> None:
                  "ON CONFLICT (id) DO UPDATE SET data = excluded.data", (account_id, data))
 
 
+def add_counts(conn: sqlite3.Connection, rows: list[tuple[str, str, tuple[int, ...]]]) -> None:
+    """(account, campaign, deltas in COUNT_FIELDS order): counters only ever move by deltas, so
+    the writes of outcomes and returns can land in any order."""
+    cols = ", ".join(COUNT_FIELDS)
+    sets = ", ".join(f"{f} = {f} + excluded.{f}" for f in COUNT_FIELDS)
+    conn.executemany(f"INSERT INTO campaigns (account, campaign, {cols}) VALUES (?, ?, {', '.join('?' * 7)}) "
+                     f"ON CONFLICT (account, campaign) DO UPDATE SET {sets}",
+                     [(a, c, *deltas) for a, c, deltas in rows])
+
+
+def set_campaign_marks(conn: sqlite3.Connection, rows: list[tuple[str, str, bytes | None, int]]) -> None:
+    """(account, campaign, base, warned): the judging state of campaigns."""
+    conn.executemany("INSERT INTO campaigns (account, campaign, base, warned) VALUES (?, ?, ?, ?) "
+                     "ON CONFLICT (account, campaign) DO UPDATE SET base = excluded.base, warned = excluded.warned",
+                     rows)
+
+
+def leave_review(conn: sqlite3.Connection, rowids: list[int]) -> list[int]:
+    """Take messages out of review; the rows that were still waiting (approve and reject both
+    start here, so an id approved twice is released once)."""
+    out = []
+    for rowid in rowids:
+        if conn.execute("DELETE FROM review WHERE recipient = ?", (rowid,)).rowcount:
+            out.append(rowid)
+    return out
+
+
 def put_kv(conn: sqlite3.Connection, key: str, value: bytes) -> None:
     conn.execute("INSERT INTO kv (key, value) VALUES (?, ?) "
                  "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
@@ -378,7 +452,7 @@ def insert_job(conn: sqlite3.Connection, account: str, job_id: str, campaign: st
                digest: bytes, template: bytes, answer: bytes, created: float,
                rows: list[tuple[int, str, str, bytes, str]],
                event: tuple[float, str, str | None, bytes],
-               account_row: bytes | None = None) -> tuple[str, int, int, bytes, bytes]:
+               account_row: bytes | None = None, review: bool = False) -> tuple[str, int, int, bytes, bytes]:
     """Store a job once plus a row per recipient. Returns ("new", job row, first recipient row,
     b"", b"") or ("exists", 0, 0, digest, answer) when (account, job_id) was taken first."""
     found = conn.execute("SELECT digest, answer FROM jobs WHERE account = ? AND job_id = ?",
@@ -395,6 +469,9 @@ def insert_job(conn: sqlite3.Connection, account: str, job_id: str, campaign: st
     conn.executemany("INSERT INTO recipients (job, idx, email, domain, vars, rhash) VALUES (?, ?, ?, ?, ?, ?)",
                      [(job_row, idx, email, domain, vars_, rhash) for idx, email, domain, vars_, rhash in rows])
     last = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
+    if review and rows:  # a trial account's messages wait for an admin, each on its own
+        conn.execute("INSERT INTO review (recipient, time) SELECT id, ? FROM recipients WHERE job = ?",
+                     (created, job_row))
     conn.execute("INSERT INTO events (time, type, account, body) VALUES (?, ?, ?, ?)", event)
     if account_row is not None:  # the quota counters move in the same transaction as the job
         put_account(conn, account, account_row)

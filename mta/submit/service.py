@@ -7,6 +7,7 @@ status -> managed sending domain -> content checks -> spooled durably -> acknowl
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,13 +19,14 @@ from ..config import Config
 from ..events import event_row
 from ..events import read as read_events
 from ..jsonlines import Peer, error
-from ..policy.accounts import AccountBook
+from ..policy.accounts import SYSTEM_ACCOUNT, AccountBook
+from ..policy.notices import Notice
 from ..policy.quota import allowance, consume, trial_expired
 from ..queue.scheduler import Scheduler
 from ..queue.spool import Spool, SpoolUnavailable, insert_job
 from ..returns import Returns, Signal
-from ..types import JobInfo
-from .job import JobIn, Refused, job_digest, prepare
+from ..types import Content, JobInfo
+from .job import JobIn, Refused, job_digest, prepare, split_address
 
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
@@ -129,8 +131,11 @@ class SubmitService:
                          f"account's quota ({account.plan} plan)", job_id=job.job_id, fits=fits)
         charged = consume(account, len(prepared.rows), now)
         self.accounts.replace(charged)  # taken now: a pipelined job cannot pass the same check
+        review = account.plan == "trial"  # SPEC §1: every trial message waits for an admin
         answer: dict[str, Any] = {"ok": True, "job_id": job.job_id, "accepted": len(prepared.rows),
                                   "rejected": prepared.rejected}
+        if review:
+            answer["held_for_review"] = True
         answer_blob = _encode(answer)
         campaign = job.campaign or job.job_id
         event = event_row("accepted", job.account, {"campaign": campaign, "job_id": job.job_id,
@@ -139,20 +144,47 @@ class SubmitService:
         try:
             status, job_row, first, old_digest, old_answer = await self.spool.transact(
                 insert_job, job.account, job.job_id, campaign, sending_domain, prepared.digest,
-                _encode(prepared.content), answer_blob, now, prepared.rows, event, _encode(charged))
+                _encode(prepared.content), answer_blob, now, prepared.rows, event, _encode(charged), review)
         except SpoolUnavailable as exc:
             self._give_back(job.account, len(prepared.rows), now)
             return error("unavailable", f"{exc}; retry later", job_id=job.job_id)
         if status == "exists":  # the same job_id won a race inside one group commit
             self._give_back(job.account, len(prepared.rows), now)
             return self._replay(job.job_id, digest, old_digest, old_answer)
-        info = JobInfo(job_row, job.account, job.job_id, campaign, sending_domain, now)
-        self.scheduler.add(info, ((first + i, row[2]) for i, row in enumerate(prepared.rows)))
+        if not review:
+            info = JobInfo(job_row, job.account, job.job_id, campaign, sending_domain, now)
+            self.scheduler.add(info, ((first + i, row[2]) for i, row in enumerate(prepared.rows)))
         metrics.SUBMITTED_JOBS.inc()
         metrics.SUBMITTED_RECIPIENTS.inc(len(prepared.rows))
         for rejection in prepared.rejected:
             metrics.REJECTED_RECIPIENTS.labels(str(rejection["code"])).inc()
         return answer
+
+    async def submit_notice(self, account_id: str, to: str, notice: Notice) -> None:
+        """Queue a policy notice: the daemon's own account, so no pause, review or quota holds it
+        (SPEC §1: sent at once), and transactional (no List-Unsubscribe, no footer)."""
+        parts = split_address(to)
+        if parts is None:
+            raise ValueError(f"the notify address {to!r} of account {account_id} is not an address")
+        now = self.clock()
+        policy = self.config.policy
+        domain = policy.notice_address.rpartition("@")[2].lower()
+        sending_domain = domain if domain in self.config.sending_domains else next(iter(self.config.sending_domains))
+        content = Content(from_=policy.notice_from, subject=notice.subject, text=notice.text,
+                          headers={"Auto-Submitted": "auto-generated", "X-Mta-Notice": notice.kind,
+                                   "X-Mta-Account": account_id}, transactional=True)
+        job_id = f"notice-{account_id}-{notice.kind}-{int(now * 1000)}"
+        email = f"{parts[0]}@{parts[1]}"
+        rows = [(0, email, parts[1], b"{}", self.address_hash(email.lower()))]
+        event = event_row("accepted", SYSTEM_ACCOUNT, {"campaign": "notices", "job_id": job_id, "recipients": 1,
+                                                       "rejected": 0, "notice_for": account_id}, now)
+        blob = _encode(content)
+        _, job_row, first, _, _ = await self.spool.transact(
+            insert_job, SYSTEM_ACCOUNT, job_id, "notices", sending_domain, hashlib.sha256(blob).digest(), blob,
+            _encode({"ok": True, "job_id": job_id, "accepted": 1, "rejected": []}), now, rows, event)
+        if job_row:
+            info = JobInfo(job_row, SYSTEM_ACCOUNT, job_id, "notices", sending_domain, now)
+            self.scheduler.add(info, [(first, parts[1])])
 
     def _give_back(self, account_id: str, n: int, now: float) -> None:
         current = self.accounts.get(account_id)
