@@ -104,7 +104,8 @@ class App:
         self.submit_server = JsonLineServer(cfg.submit_socket, self.submit_service.handle,
                                             max_line=cfg.max_line_bytes, mode=0o660, group=cfg.submit_group,
                                             allowed_uids=cfg.allowed_uids)
-        self.control_server = JsonLineServer(cfg.control_socket, ControlService(self).handle,
+        self.control_service = ControlService(self)
+        self.control_server = JsonLineServer(cfg.control_socket, self.control_service.handle,
                                              max_line=1 << 20, mode=0o600)
         self.http = HttpEndpoint(*cfg.metrics_listen, {"/metrics": self._metrics, "/healthz": self._healthz})
         await self.control_server.start()

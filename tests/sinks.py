@@ -7,6 +7,7 @@ The recipient's local part decides the answer:
     drop*   connection dropped at RCPT the first `defer_times` tries
     slow*   stall `stall` seconds before answering DATA
     data*   554 5.6.0 after DATA
+    block*  554 5.7.1 at RCPT naming a DNS blocklist
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class _Handler:
         local = address.lower()
         if local.startswith("hard"):
             return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+        if local.startswith("block"):
+            return "554 5.7.1 Service unavailable; client host [127.0.0.1] blocked using zen.spamhaus.org"
         if local.startswith("defer") and n <= sink.defer_times:
             return "451 4.3.0 Temporary failure, try again later"
         if local.startswith("rate") and n <= sink.defer_times:

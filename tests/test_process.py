@@ -101,6 +101,18 @@ def test_cli_admin_commands(tmp_path: Path) -> None:
         assert answer["accepted"] == 1 and [r["code"] for r in answer["rejected"]] == ["suppressed", "suppressed"]
         assert cli("suppress", "remove", added["hash"])["removed"] is True  # type: ignore[index]
         assert cli("suppress", "list") == []
+        # manual review of a trial account's mail
+        cli("accounts", "set", "tri", "--plan", "trial", "--subscribers", "5", "--notify", "o@t.test",
+            "--status", "active")
+        job_file.write_text(json.dumps(job("tri-1", ["a@nowhere.test", "b@nowhere.test"], account="tri")))
+        assert json.loads(mta_cli("submit", str(job_file), *base, "--json").stdout)["held_for_review"] is True
+        items = cli("review", "list", "--account", "tri")
+        assert [i["recipient"] for i in items] == ["a@nowhere.test", "b@nowhere.test"]  # type: ignore[index,union-attr]
+        assert cli("review", "reject", items[0]["id"])["rejected"] == 1  # type: ignore[index]
+        assert cli("review", "approve", "--account", "tri", "--all")["approved"] == 1  # type: ignore[index]
+        assert [i["account"] for i in cli("review", "list")] == ["acme"]  # type: ignore[index,union-attr]
+        out = mta_cli("review", "approve", *base, "--json")
+        assert out.returncode != 0 and json.loads(out.stdout)["error"]["code"] == "invalid_argument"
     finally:
         assert daemon.stop() == 0  # SIGTERM: a clean exit
 
