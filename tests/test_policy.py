@@ -300,3 +300,6 @@ async def test_trial_mail_waits_for_review(daemon_factory: Any, sink: Sink, sink
     assert "ok1@d.test" not in sink.delivered() and review.waiting() == []
     with pytest.raises(ValueError):
         await review.approve(["not-an-id"])
+    # the trial's allowance is 100 messages in total, rejected ones included
+    over = await d.submit(job("t2", [f"more{i}@d.test" for i in range(97)], campaign="trial"))
+    assert over["error"]["code"] == "quota_exceeded" and over["fits"] == 96

@@ -8,6 +8,7 @@ status -> managed sending domain -> content checks -> spooled durably -> acknowl
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +45,7 @@ class SubmitService:
         self.address_hash = address_hash
         self.clock = clock
         self.read_up_to = 0  # the highest cursor a reader has asked to read after (event-feed lag)
+        self._notices = itertools.count(1)  # two notices in one millisecond still get their own job_id
 
     async def handle(self, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
         op = request["op"]
@@ -173,7 +175,7 @@ class SubmitService:
         content = Content(from_=policy.notice_from, subject=notice.subject, text=notice.text,
                           headers={"Auto-Submitted": "auto-generated", "X-Mta-Notice": notice.kind,
                                    "X-Mta-Account": account_id}, transactional=True)
-        job_id = f"notice-{account_id}-{notice.kind}-{int(now * 1000)}"
+        job_id = f"notice-{account_id}-{notice.kind}-{int(now * 1000)}-{next(self._notices)}"
         email = f"{parts[0]}@{parts[1]}"
         rows = [(0, email, parts[1], b"{}", self.address_hash(email.lower()))]
         event = event_row("accepted", SYSTEM_ACCOUNT, {"campaign": "notices", "job_id": job_id, "recipients": 1,
