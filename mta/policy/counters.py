@@ -94,7 +94,12 @@ class CampaignBook:
     # -- counting -------------------------------------------------------------------------
     def bump(self, c: Campaign, names: Iterable[str], durable_later: bool = True) -> None:
         """Count in memory; with durable_later the delta waits for `take_writes`."""
-        pending = self._pending.setdefault((c.account, c.campaign), [0] * N) if durable_later else None
+        pending = None
+        if durable_later:
+            key = (c.account, c.campaign)
+            pending = self._pending.get(key)
+            if pending is None:
+                pending = self._pending[key] = [0] * N
         for name in names:
             i = INDEX[name]
             c.counts[i] += 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from ..bounce.rules import RULES
@@ -30,6 +30,9 @@ log = get_logger("mta.policy")
 # ARF feedback types (SPEC §1): these count as abuse complaints, opt-out as an unsubscribe,
 # the rest (auth-failure, not-spam) as neither.
 ABUSE_FEEDBACK = frozenset({"abuse", "fraud", "virus", "other"})
+# Only these raise a rate: a delivery or a further attempt can only lower one, so an
+# outcome that moves none of them needs no judging (except the one that completes the sample).
+RAISING = frozenset({"hard", "complaints", "unsubscribes", "blocklisted"})
 SendNotice = Callable[[str, str, Notice], Awaitable[None]]  # (account id, to, notice)
 
 
@@ -51,19 +54,22 @@ def signal_counts(s: Signal) -> list[str]:
     return []
 
 
-def outcome_counts(d: Disposition, outcome: Outcome, cls: Classification | None) -> list[str]:
+_FIRST_DELIVERED = ("attempted", "delivered")
+_DELIVERED = ("delivered",)
+
+
+def outcome_counts(d: Disposition, outcome: Outcome, cls: Classification | None) -> tuple[str, ...]:
     """The counters a delivery attempt moves: `attempted` once per recipient (its first try)."""
     first = d.row.attempts == 0
+    if outcome is Outcome.DELIVERED:  # the common case, without building a list
+        return _FIRST_DELIVERED if first else _DELIVERED
     names = ["attempted"] if first else []
-    if outcome is Outcome.DELIVERED:
-        names.append("delivered")
-        return names
     if outcome is not Outcome.DEFERRED:
         names.append("hard" if cls is not None and cls.kind == "hard" else "soft")
     # a deferral naming a blocklist is counted on the first try only: retries repeat the same block
     if (outcome is not Outcome.DEFERRED or first) and RULES.names_blocklist(d.reply.text):
         names.append("blocklisted")
-    return names
+    return tuple(names)
 
 
 class PolicyEnforcer:
@@ -88,7 +94,7 @@ class PolicyEnforcer:
         if names:
             c = self.campaigns.get(job.account, job.campaign)
             self.campaigns.bump(c, names)
-            self._judge(c)
+            self._judge(c, names)
 
     def signal_writes(self, s: Signal) -> list[WriteOp]:
         """Returns write hook: the counter deltas, written with the return itself."""
@@ -104,13 +110,16 @@ class PolicyEnforcer:
             return
         c = self.campaigns.get(s.account, s.campaign)
         self.campaigns.bump(c, names, durable_later=False)
-        self._judge(c)
+        self._judge(c, names)
 
     # -- judging ----------------------------------------------------------------------------
     def blocklisted_since_resume(self, account: str) -> int:
         return sum(c.since_resume("blocklisted") for c in self.campaigns.of_account(account))
 
-    def _judge(self, c: Campaign) -> None:
+    def _judge(self, c: Campaign, names: Sequence[str]) -> None:
+        if RAISING.isdisjoint(names) and not (
+                "attempted" in names and c.since_resume("attempted") == self.policy.min_sample):
+            return
         account = self.accounts.get(c.account)
         if account is None or account.status != "active" or c.account in self._pausing:
             return
