@@ -225,6 +225,21 @@ async def test_abuse_reports_pause_and_other_feedback_does_not(daemon_factory: A
     assert "ok3" not in notice.as_string() and "abuse-complaint rate" in notice.get_content()
 
 
+async def test_asynchronous_dsns_pause(daemon_factory: Any, sink: Sink, sink2: Sink) -> None:
+    d = await policy_daemon(daemon_factory, sink, sink2)
+    got = await delivered_campaign(d, sink)  # 20 delivered, a new account: its threshold is 8 %
+    first = got["ok1@d.test"].mail_from
+    await send(d, "", [first], dsn(first, "ok1@d.test"))
+    await send(d, "", [first], dsn(first, "ok1@d.test"))  # a receiver resending its DSN counts once
+    await poll_events(d, "bounced", 1)
+    await asyncio.sleep(0.3)
+    assert await status(d) == "active"  # 1 of 20 is 5 %
+    second = got["ok2@d.test"].mail_from
+    await send(d, "", [second], dsn(second, "ok2@d.test"))
+    [paused] = await poll_events(d, "paused", 1)
+    assert paused["reason"] == "hard_bounce_rate" and (paused["count"], paused["sample"]) == (2, 20)
+
+
 async def test_unsubscribe_mails_pause(daemon_factory: Any, sink: Sink, sink2: Sink) -> None:
     d = await policy_daemon(daemon_factory, sink, sink2)
     got = await delivered_campaign(d, sink)
