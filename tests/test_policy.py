@@ -84,15 +84,15 @@ def test_what_counts_as_what() -> None:
         row = RecipientRow(1, job_info, 0, "a@b.test", "b.test", {}, attempts)
         return Disposition(row, Outcome.DELIVERED, Reply(code, text), "p")
 
-    assert outcome_counts(d(0, 250, "ok"), Outcome.DELIVERED, None) == ["attempted", "delivered"]
-    assert outcome_counts(d(1, 250, "ok"), Outcome.DELIVERED, None) == ["delivered"]  # after a deferral
-    assert outcome_counts(d(0, 451, "later"), Outcome.DEFERRED, None) == ["attempted"]
+    assert outcome_counts(d(0, 250, "ok"), Outcome.DELIVERED, None) == ("attempted", "delivered")
+    assert outcome_counts(d(1, 250, "ok"), Outcome.DELIVERED, None) == ("delivered",)  # after a deferral
+    assert outcome_counts(d(0, 451, "later"), Outcome.DEFERRED, None) == ("attempted",)
     hard = Classification("hard", "userunknown")
-    assert outcome_counts(d(0, 550, "5.1.1 no such user"), Outcome.BOUNCED, hard) == ["attempted", "hard"]
+    assert outcome_counts(d(0, 550, "5.1.1 no such user"), Outcome.BOUNCED, hard) == ("attempted", "hard")
     block = d(0, 554, "5.7.1 blocked using zen.spamhaus.org")
     assert outcome_counts(block, Outcome.BOUNCED, Classification("soft", "blocked")) == \
-        ["attempted", "soft", "blocklisted"]
-    assert outcome_counts(d(2, 451, "listed at spamcop"), Outcome.DEFERRED, None) == []  # a retry repeats it
+        ("attempted", "soft", "blocklisted")
+    assert outcome_counts(d(2, 451, "listed at spamcop"), Outcome.DEFERRED, None) == ()  # a retry repeats it
 
     def sig(stype: str, feedback: str | None = None) -> list[str]:
         return signal_counts(Signal(stype, "acme", "c1", "h", kind="hard", feedback_type=feedback))
