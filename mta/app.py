@@ -32,6 +32,9 @@ from .policy.accounts import AccountBook
 from .policy.counters import CampaignBook
 from .policy.enforce import PolicyEnforcer
 from .policy.review import ReviewDesk
+from .privacy.audit import AuditLog
+from .privacy.erasure import Erasure
+from .privacy.retention import Retention
 from .queue.ready import ReadyQueues
 from .queue.scheduler import Scheduler
 from .queue.spool import Spool, put_kv
@@ -100,6 +103,10 @@ class App:
         self.returns.write_hooks.append(self.policy.signal_writes)
         self.returns.listeners.append(self.policy.on_signal)
         self.accounts.on_status.append(self.policy.on_status)
+        self.audit = AuditLog(cfg.audit_log, self.signer.address_hash)
+        self.erasure = Erasure(self.spool, self.accounts, self.campaigns, self.returns, self.scheduler, self.results,
+                               self.signer.address_hash)
+        self.retention = Retention(self.spool, self.returns.suppression, cfg.retention)
         self.listener = attach(cfg, self.signer, self.spool, self.returns, self.spool.job)
         self.submit_server = JsonLineServer(cfg.submit_socket, self.submit_service.handle,
                                             max_line=cfg.max_line_bytes, mode=0o660, group=cfg.submit_group,
@@ -127,6 +134,7 @@ class App:
         if self.notifier.watchdog_interval:
             self._background.append(loop.create_task(self._watchdog()))
         self._background.append(loop.create_task(self._housekeeping()))
+        self._background.append(loop.create_task(self.retention.run()))
 
     def _warmups(self, cfg: Config) -> dict[str, WarmupCounter]:
         """Warm-up counters per sending domain, with today's count restored from the spool."""
@@ -266,6 +274,7 @@ class App:
         self.config = new
         self.results.config = new
         self.policy.policy = new.policy
+        self.retention.retention = new.retention
         self.submit_service.config = new
         self.dispatcher.reconfigure(new, signers)
         self.ready.rules = RuleBook(new.shaping)
@@ -302,6 +311,7 @@ class App:
         self._save_warmups()
         self.spool.close()
         self.accounting.close()
+        self.audit.close()
         metrics.UP.set(0)
         log.info("stopped")
 

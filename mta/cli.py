@@ -183,6 +183,20 @@ def cmd_accounts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_privacy_erase(args: argparse.Namespace) -> int:
+    emit(args, control(args, "privacy.erase", address=args.address))
+    return 0
+
+
+AUDIT_COLUMNS = ["time", "action", "args", "peer", "result"]
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    emit(args, control(args, "audit", since=args.since),
+         lambda rows: _table(rows, AUDIT_COLUMNS, "audit trail"))
+    return 0
+
+
 REVIEW_COLUMNS = ["id", "account", "campaign", "recipient", "subject", "queued_at"]
 
 
@@ -303,6 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("address", help="an address (remove also takes its hash)")
         sp.add_argument("--account", help="the account's list (default: the global list)")
 
+    privacy = sub.add_parser("privacy", help="data protection (SPEC §12)")
+    psub = privacy.add_subparsers(dest="action", required=True)
+    pp = psub.add_parser("erase", help="remove an address from queued mail, events and logs; keep it suppressed")
+    _common(pp)
+    pp.add_argument("address")
+    pp.set_defaults(func=cmd_privacy_erase)
+    p = command("audit", cmd_audit, "the audit trail of admin actions")
+    p.add_argument("--since", help="a time (2026-11-22T10:00:00Z) or a duration back from now (2h, 7d)")
+
     review = sub.add_parser("review", help="trial-account messages waiting for manual review")
     rsub = review.add_subparsers(dest="action", required=True)
     for action in ("list", "approve", "reject"):
@@ -318,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     accounts = sub.add_parser("accounts", help="account admin")
     asub = accounts.add_subparsers(dest="action", required=True)
-    for action in ("list", "show", "approve", "pause", "resume", "set"):
+    for action in ("list", "show", "approve", "pause", "resume", "set", "delete"):
         ap = asub.add_parser(action)
         _common(ap)
         ap.set_defaults(func=cmd_accounts)

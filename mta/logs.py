@@ -7,6 +7,7 @@ Addresses never appear in logs: callers log `rcpt_hash` (a keyed hash) and the d
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import structlog
@@ -41,6 +42,14 @@ def setup(level: int = logging.INFO) -> None:
     root.setLevel(level)
     for noisy in ("mail.log", "aiosmtplib", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def redact(text: str, address: str) -> str:
+    """A remote reply without the recipient's address in it (receivers often quote it:
+    "550 5.1.1 <ann@example.test>: Recipient address rejected")."""
+    if "@" not in text or not address:
+        return text
+    return re.sub(re.escape(address), "<rcpt>", text, flags=re.IGNORECASE)
 
 
 def get(name: str) -> structlog.typing.FilteringBoundLogger:

@@ -21,6 +21,7 @@ from .bounce.analyse import classify_reply
 from .config import Config
 from .events import event_row
 from .logs import get as get_logger
+from .logs import redact
 from .queue.spool import Spool, append_events, set_deferred, set_final
 from .types import Classification, Disposition, Outcome, State, Verdict, WriteOp
 
@@ -57,7 +58,17 @@ class Results:
         self._deferrals: list[tuple[int, float, int]] = []
         self._events: list[tuple[float, str, str | None, bytes]] = []
         self._flush_scheduled = False
+        # deleted accounts and erased addresses (keyed hashes): an outcome of a message that
+        # was on the wire when it happened is recorded without the address (SPEC §12)
+        self._forgotten_accounts: set[str] = set()
+        self._erased: set[str] = set()
         self.counts = {o.value: 0 for o in Outcome}
+
+    def forget_account(self, account: str) -> None:
+        self._forgotten_accounts.add(account)
+
+    def forget_address(self, rhash: str) -> None:
+        self._erased.add(rhash)
 
     def record(self, d: Disposition) -> Verdict:
         row, job = d.row, d.row.job
@@ -88,8 +99,12 @@ class Results:
             body["reason"] = cls.reason
         if outcome is not Outcome.DELIVERED:
             body["attempts"] = row.attempts + 1
-        self._events.append(event_row(outcome.value, job.account, body, now))
         rcpt_hash = self.address_hash(row.email)  # one HMAC per outcome, for the log and accounting
+        if rcpt_hash in self._erased:
+            body["recipient"], body["code"] = None, str(d.reply.code)
+            body["recipient_hash"] = rcpt_hash
+        if job.account not in self._forgotten_accounts:
+            self._events.append(event_row(outcome.value, job.account, body, now))
         if verdict.final and self.accounting is not None:
             self._accounting.append({"time": now, "result": outcome.value, "account": job.account,
                                      "campaign": job.campaign, "job_id": job.job_id,
@@ -106,7 +121,8 @@ class Results:
         log.info("delivery", result=outcome.value, account=job.account, campaign=job.campaign,
                  sending_domain=job.sending_domain, provider=d.provider, rcpt_domain=row.domain,
                  rcpt_hash=rcpt_hash, attempt=row.attempts + 1, stage=d.reply.stage,
-                 reply=d.reply.line()[:300], kind=cls.kind if cls else None, reason=cls.reason if cls else None,
+                 reply=redact(d.reply.line()[:300], row.email), kind=cls.kind if cls else None,
+                 reason=cls.reason if cls else None,
                  retry_at=verdict.retry_at or None)
         for listener in self.listeners:
             listener(d, outcome, cls)

@@ -84,6 +84,24 @@ class Suppression:
         self._hashes.get(account, set()).discard(rhash)
         return self._entries.pop((account, rhash), None) is not None
 
+    def drop_account(self, account: str) -> None:
+        self._hashes.pop(account, None)
+        for key in [k for k in self._entries if k[0] == account]:
+            del self._entries[key]
+
+    def erase(self, rhash: str, when: float) -> None:
+        """An erased address: suppressed everywhere, known only by its hash (SPEC §12)."""
+        for key, (address, reason, time_) in list(self._entries.items()):
+            if key[1] == rhash and address is not None:
+                self._entries[key] = (None, reason, time_)
+        self.add(GLOBAL, rhash, None, "erased", when)
+
+    def forget_addresses(self, before: float) -> None:
+        """Entries older than the retention keep only their hash."""
+        for key, (address, reason, when) in list(self._entries.items()):
+            if address is not None and when < before:
+                self._entries[key] = (None, reason, when)
+
     def entries(self, account: str | None) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for (acct, rhash), (address, reason, when) in self._entries.items():

@@ -37,6 +37,9 @@ class ControlService:
             "accounts.approve": self.accounts_approve,
             "accounts.pause": self.accounts_pause,
             "accounts.resume": self.accounts_resume,
+            "accounts.delete": self.accounts_delete,
+            "privacy.erase": self.privacy_erase,
+            "audit": self.audit,
             "review.list": self.review_list,
             "review.approve": self.review_approve,
             "review.reject": self.review_reject,
@@ -46,9 +49,19 @@ class ControlService:
         }
 
     async def handle(self, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        op = self.ops.get(request["op"])
+        """Run one admin operation; every one but `ping` leaves an audit record (SPEC §12)."""
+        name = str(request["op"])
+        answer = await self._run(name, request)
+        if name != "ping":
+            err = answer.get("error") if answer.get("ok") is False else None
+            self.app.audit.record(name, request, peer, "error" if err else "ok",
+                                  error=err["code"] if err else None)
+        return answer
+
+    async def _run(self, name: str, request: dict[str, Any]) -> dict[str, Any]:
+        op = self.ops.get(name)
         if op is None:
-            return error("unknown_op", f"unknown control op {request['op']!r}")
+            return error("unknown_op", f"unknown control op {name!r}")
         try:
             return {"ok": True, "result": await op(request)}
         except AccountError as exc:
@@ -137,6 +150,16 @@ class ControlService:
         return (await self.app.accounts.set_status(self._account(request), "paused", reason)).view(time.time())
 
 
+    async def accounts_delete(self, request: dict[str, Any]) -> Any:
+        return await self.app.erasure.delete_account(self._account(request))
+
+    async def privacy_erase(self, request: dict[str, Any]) -> Any:
+        return await self.app.erasure.erase(_address(request))
+
+    async def audit(self, request: dict[str, Any]) -> Any:
+        since = request.get("since")
+        return self.app.audit.read(parse_since(str(since), time.time()) if since else None)
+
     # -- review --------------------------------------------------------------------------
     async def review_list(self, request: dict[str, Any]) -> Any:
         account = request.get("account") or None
@@ -162,6 +185,24 @@ class ControlService:
 
     async def review_reject(self, request: dict[str, Any]) -> Any:
         return await self.app.review.reject(*self._review_target(request))
+
+
+def parse_since(value: str, now: float) -> float:
+    """`--since`: an ISO 8601 date or time (UTC unless it says otherwise), or a duration back
+    from now ("2h", "7d")."""
+    from datetime import UTC, datetime
+
+    from ..config import ConfigError, parse_duration
+
+    try:
+        return now - parse_duration(value, "--since")
+    except ConfigError:
+        pass
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--since {value!r}: give a time (2026-11-22T10:00:00Z) or a duration (2h)") from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 def _address(request: dict[str, Any]) -> str:

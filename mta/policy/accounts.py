@@ -169,6 +169,10 @@ class AccountBook:
         self._changed(changed, old_status)
         return changed
 
+    def remove(self, account_id: str) -> None:
+        """Forget a deleted account (the spool rows are gone already)."""
+        self.accounts.pop(account_id, None)
+
     def replace(self, account: Account) -> None:
         """Swap the in-memory account (quota taken at submission; the spool write follows)."""
         self.accounts[account.id] = account

@@ -91,6 +91,11 @@ class CampaignBook:
     def of_account(self, account: str) -> list[Campaign]:
         return [self.campaigns[(account, name)] for name in sorted(self.by_account.get(account, ()))]
 
+    def forget(self, account: str) -> None:
+        for name in self.by_account.pop(account, set()):
+            self.campaigns.pop((account, name), None)
+            self._pending.pop((account, name), None)
+
     # -- counting -------------------------------------------------------------------------
     def bump(self, c: Campaign, names: Iterable[str], durable_later: bool = True) -> None:
         """Count in memory; with durable_later the delta waits for `take_writes`."""

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from .. import metrics
 from ..logs import get as get_logger
+from ..logs import redact
 from ..throttle.limits import ProviderLimits, Throttles
 from ..throttle.shaping import RuleBook
 from ..types import ConnectFailed, Outcome, RecipientRow, Reply, Route
@@ -130,7 +131,7 @@ class ReadyQueue:
                     try:
                         session = await self.dispatcher.connect(self.route, self.sending_domain)
                     except ConnectFailed as exc:
-                        self._observe(exc.reply)
+                        self._observe(exc.reply, row.email)
                         self._connect_failed(row, exc.reply)
                         break
                     self.sessions += 1
@@ -139,7 +140,7 @@ class ReadyQueue:
                 started = time.monotonic()
                 reply = await session.deliver(row)
                 sent += 1
-                self._observe(reply)
+                self._observe(reply, row.email)
                 self.scheduler.settle(row, outcome_of(reply), reply, self.provider,
                                       latency=time.monotonic() - started)
                 if not session.usable:
@@ -171,7 +172,7 @@ class ReadyQueue:
         for task in list(self.waiting):
             task.cancel()
 
-    def _observe(self, reply: Reply) -> None:
+    def _observe(self, reply: Reply, address: str) -> None:
         """Adaptive backoff: every reply is shown to the throttle; decisions are logged and counted."""
         if 200 <= reply.code < 300:
             return
@@ -180,7 +181,7 @@ class ReadyQueue:
             metrics.BACKOFF.labels(self.sending_domain, self.provider, decision).inc()
             state = self.limits.state(self.clock())
             decisions_log.warning("backoff", decision=decision, sending_domain=self.sending_domain,
-                                  provider=self.provider, reply=reply.line()[:200],
+                                  provider=self.provider, reply=redact(reply.line()[:200], address),
                                   rate=state.get("current_rate"), fraction=state.get("fraction"),
                                   suspended_for=state.get("suspended_for"))
 

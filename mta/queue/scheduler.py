@@ -155,6 +155,24 @@ class Scheduler:
             if sq.account == account:
                 self.activate(sq)
 
+    def drop_account(self, account: str) -> None:
+        """A deleted account: its queues and retry timers go (the spool rows are gone)."""
+        for key in [k for k in self.queues if k[0] == account]:
+            sq = self.queues.pop(key)
+            sq.loaded.clear()
+            sq.ids = IdQueue()
+        kept = [t for t in self._timers if t[2][0] != account]
+        if len(kept) != len(self._timers):
+            self._timers = kept
+            heapq.heapify(self._timers)
+
+    def forget_address(self, address: str) -> None:
+        """An erased address: drop its messages from the prefetched windows (those still in the
+        spool are cancelled there, and a cancelled row is never loaded)."""
+        for sq in self.queues.values():
+            if sq.loaded and any(r.email.lower() == address for r in sq.loaded):
+                sq.loaded = deque(r for r in sq.loaded if r.email.lower() != address)
+
     # -- queues -------------------------------------------------------------------
     def _queue(self, key: QueueKey) -> ScheduledQueue:
         sq = self.queues.get(key)

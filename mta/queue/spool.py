@@ -84,6 +84,7 @@ CREATE TABLE IF NOT EXISTS suppression (
     time REAL NOT NULL,
     PRIMARY KEY (account, hash)
 );
+CREATE INDEX IF NOT EXISTS suppression_known ON suppression (time) WHERE address IS NOT NULL;
 CREATE TABLE IF NOT EXISTS returns (  -- one bounce / complaint / unsubscribe per message
     recipient INTEGER NOT NULL,
     type TEXT NOT NULL,
@@ -128,6 +129,10 @@ class _Op:
     future: asyncio.Future[Any] | None
 
 
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    """Marker op: after the batch commits, the WAL is checkpointed and truncated."""
+
+
 @dataclass(frozen=True, slots=True)
 class QueuedRef:
     """A queued recipient as recovery sees it: enough to route it, not to send it."""
@@ -158,6 +163,9 @@ class Spool:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=OFF")
         conn.execute("PRAGMA cache_size=-65536")
+        # Deleted and cleared rows (addresses after delivery, purged events, erasures) are
+        # overwritten with zeros, not left in free space of the file (SPEC §12).
+        conn.execute("PRAGMA secure_delete=ON")
         return conn
 
     def open(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -194,6 +202,12 @@ class Spool:
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run fn(conn, *args) in the next group commit; nobody waits for it."""
         self._q.put(_Op(fn, args, None))
+
+    def truncate_wal(self) -> None:
+        """Checkpoint and truncate the WAL after the next commit. The WAL keeps old page
+        images (with addresses since cleared) until it is overwritten; truncating it is what
+        makes a purge or an erasure reach the disk as well as the tables (SPEC §12)."""
+        self._q.put(_Op(_checkpoint, (), None))
 
     def _run(self, conn: sqlite3.Connection) -> None:
         stop = False
@@ -242,6 +256,8 @@ class Spool:
             conn.execute("COMMIT")
             self.commits += 1
             self.last_error = ""
+            if any(op.fn is _checkpoint for op in batch):
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             # Nothing of this batch is durable: waiters are told so (submit answers
             # `unavailable`); unwaited marks are lost, which can only cause a resend.

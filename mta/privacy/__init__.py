@@ -1,0 +1,1 @@
+"""Data protection (SPEC §12): retention, erasure and the audit trail."""
