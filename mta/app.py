@@ -98,8 +98,8 @@ class App:
         self.campaigns.load()
         self.policy = PolicyEnforcer(cfg.policy, self.accounts, self.campaigns, self.spool,
                                      send_notice=self.submit_service.submit_notice)
-        self.results.listeners.append(self.policy.on_outcome)
-        self.results.write_hooks.append(self.campaigns.take_writes)
+        self.results.listeners += [self.policy.on_outcome, self.returns.on_outcome]
+        self.results.write_hooks += [self.campaigns.take_writes, self.returns.take_writes]
         self.returns.write_hooks.append(self.policy.signal_writes)
         self.returns.listeners.append(self.policy.on_signal)
         self.accounts.on_status.append(self.policy.on_status)

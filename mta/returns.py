@@ -22,7 +22,7 @@ from . import metrics
 from .events import event_row
 from .logs import get as get_logger
 from .queue.spool import Spool, add_return, append_events, delete_suppression, put_suppression
-from .types import WriteOp
+from .types import Classification, Disposition, Outcome, WriteOp
 
 log = get_logger("mta.returns")
 
@@ -122,6 +122,7 @@ class Returns:
         # writes a listener owes for a signal (policy counters), done in the signal's own
         # transaction and only if it is not a repeat
         self.write_hooks: list[Callable[[Signal], list[WriteOp]]] = []
+        self._pending: list[tuple[str, str, str | None, str, float]] = []  # in-session hard bounces
 
     def load(self) -> None:
         """The suppression lists from the spool."""
@@ -166,6 +167,24 @@ class Returns:
         for listener in self.listeners:
             listener(s)
         return True
+
+    def on_outcome(self, d: Disposition, outcome: Outcome, cls: Classification | None) -> None:
+        """Results listener: a hard bounce in the SMTP session suppresses like a DSN does
+        (SPEC §7). In memory at once; durable with the results batch (`take_writes`)."""
+        if outcome is not Outcome.BOUNCED or cls is None or cls.kind != "hard":
+            return
+        job = d.row.job
+        s = Signal("bounced", job.account, job.campaign, self.address_hash(d.row.email), d.row.email.lower(),
+                   kind=cls.kind, reason=cls.reason, source="smtp")
+        for row in self._suppressions(s, self.clock()):
+            if self.suppression.add(*row):
+                self._pending.append(row)
+
+    def take_writes(self) -> list[WriteOp]:
+        if not self._pending:
+            return []
+        rows, self._pending = self._pending, []
+        return [(put_suppression, (rows,))]
 
     def _suppressions(self, s: Signal, now: float) -> list[tuple[str, str, str | None, str, float]]:
         address = None if s.type == "complained" else s.address
