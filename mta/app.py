@@ -275,6 +275,7 @@ class App:
         self.results.config = new
         self.policy.policy = new.policy
         self.retention.retention = new.retention
+        self.audit.reopen()  # log rotation renames the file, then reloads
         self.submit_service.config = new
         self.dispatcher.reconfigure(new, signers)
         self.ready.rules = RuleBook(new.shaping)

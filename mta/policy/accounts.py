@@ -75,7 +75,15 @@ class Account(msgspec.Struct):
             "monthly_cap": self.monthly_cap, "hard_bounce_threshold": self.threshold(now),
             "notify": self.notify, "created": self.created, "credits": self.credits,
             "footer": not self.no_footer, "sent_total": self.sent_total,
+            **(self._trial(now) if self.plan == "trial" else {}),
         }
+
+    def _trial(self, now: float) -> dict[str, Any]:
+        """When the trial ends (SPEC §1: 30 days from --created) and what is left of its 100."""
+        signup = _signup(self.created)
+        ends = datetime.fromtimestamp(signup + 30 * 86400, UTC).date().isoformat() if signup is not None else None
+        return {"trial_ends": ends, "trial_expired": self.age_days(now) >= 30,
+                "trial_left": max(0, TRIAL_LIMIT - self.sent_total)}
 
 
 @functools.lru_cache(maxsize=4096)

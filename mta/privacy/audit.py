@@ -32,9 +32,18 @@ class AuditLog:
         self.address_hash = address_hash
         self.clock = clock
         self._lock = threading.Lock()
+        self._fd = self._open()
+
+    def _open(self) -> int:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._fd = fd
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def reopen(self) -> None:
+        """After a rename by log rotation (`mta reload`): new records go to a new file."""
+        fd = self._open()
+        with self._lock:
+            old, self._fd = self._fd, fd
+        os.close(old)
 
     def record(self, action: str, args: dict[str, Any], peer: Any, result: str, error: str | None = None,
                detail: dict[str, Any] | None = None) -> None:
