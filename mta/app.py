@@ -90,6 +90,8 @@ class App:
         self.scheduler.router = self.ready
         self.accounts.on_release.append(self.scheduler.release)
         recovered = self.scheduler.recover()
+        # a purge or erasure cut short by a crash may have left old page images in the WAL
+        self.spool.truncate_wal()
 
         self.submit_service = SubmitService(cfg, self.spool, self.accounts, self.scheduler, self.signer.address_hash,
                                             self.returns)
