@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import email
 import email.policy
 
@@ -78,7 +80,11 @@ def test_rendering_is_deterministic_and_lines_end_in_crlf(values: dict[str, str]
     values = {k: v.replace("\r", "").replace("\n", "").replace("\x00", "") for k, v in values.items()}
     job = compiled(from_="a@a.example", subject="S {{name}}", text="T {{name}} {{t}}", html="<b>{{t}}</b>")
     a, b = job.render(row(values)), job.render(row(values))
-    assert a == b
+
+    def undated(data: bytes) -> bytes:  # the Date header may tick between the two renders
+        return re.sub(rb"(?m)^Date: [^\r]*\r\n", b"", data)
+
+    assert undated(a.data) == undated(b.data) and a.mail_from == b.mail_from
     assert b"\n" not in a.data.replace(b"\r\n", b"") and b"\r" not in a.data.replace(b"\r\n", b"")
     header = a.data.split(b"\r\n\r\n", 1)[0]
     for line in header.split(b"\r\n"):
