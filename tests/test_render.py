@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 import email
 import email.policy
+import re
 
 import msgspec
 from hypothesis import given
