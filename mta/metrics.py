@@ -45,6 +45,8 @@ EVENT_FEED_LAG = Gauge("mta_event_feed_lag", "Events newer than the last cursor 
 SPOOL_BYTES = Gauge("mta_spool_bytes", "Size of the spool database files", registry=REGISTRY)
 EVENTS = Counter("mta_events", "Events appended to the feed", ["type"], registry=REGISTRY)
 DNS_LOOKUPS = Counter("mta_dns_cache", "MX resolutions by cache result", ["result"], registry=REGISTRY)
+TLS_FALLBACKS = Counter("mta_tls_fallbacks", "STARTTLS handshakes that failed; the host gets mail in the clear",
+                        ["sending_domain"], registry=REGISTRY)
 UP = Gauge("mta_up", "1 while the daemon is serving", registry=REGISTRY)
 
 

@@ -223,3 +223,29 @@ async def test_opportunistic_starttls(daemon_factory: Any, tmp_path: Any) -> Non
         assert tls.state.tls_sessions == 2  # offered STARTTLS was used (self-signed: not verified)
     finally:
         tls.stop()
+
+
+async def test_failed_tls_handshake_falls_back_to_plain_and_is_counted(daemon_factory: Any, tmp_path: Any) -> None:
+    """A receiver that offers STARTTLS but cannot complete the handshake (here: it demands a
+    client certificate) still gets its mail, in the clear, and the fallback is counted."""
+    import ssl
+
+    from mta import metrics
+
+    ctx = _self_signed(tmp_path)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(tmp_path / "cert.pem")
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2  # so that the missing certificate fails the handshake itself
+    broken = Sink("127.0.0.11", tls_context=ctx).start()
+    try:
+        before = metrics.TLS_FALLBACKS.labels("mlgnserv.com")._value.get()
+        d = await daemon_factory(static={"tls.test": [broken.addr]})
+        await d.account()
+        await d.submit(job("tls", ["ok1@tls.test", "ok2@tls.test", "ok3@tls.test"]))
+        await wait_for(lambda: len(broken.delivered()) == 3, 20)
+        assert broken.state.tls_sessions == 0
+        # counted per connection that tried (up to three at once); none of the mail was deferred
+        assert 1 <= metrics.TLS_FALLBACKS.labels("mlgnserv.com")._value.get() - before <= 3
+        assert [e["type"] for e in await d.events("deferred")] == []
+    finally:
+        broken.stop()

@@ -9,18 +9,23 @@ exception, so the ready queue has one thing to hand to results.record(): code 0 
 from __future__ import annotations
 
 import itertools
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
 import aiosmtplib
 
+from .. import metrics
 from ..config import Config, SendingDomain
+from ..logs import get as get_logger
 from ..tokens import TokenSigner
 from ..types import ConnectFailed, JobInfo, RecipientRow, Reply, Route
 from .dkim import DkimSigner
 from .render import CompiledJob
 
 _SOFT_LOST = "4.4.2 connection lost"
+TLS_RETRY_AFTER = 3600.0  # after a failed handshake, a host gets mail in the clear this long
+log = get_logger("mta.delivery")
 
 
 class TemplateCache:
@@ -121,6 +126,10 @@ class SmtpSession:
             self.smtp.close()
 
 
+class _TlsFailed(Exception):
+    """The STARTTLS handshake failed after the server offered it."""
+
+
 class SmtpDispatcher:
     """Opens sessions to a route from a sending domain's egress (EHLO name, source IP)."""
 
@@ -128,6 +137,7 @@ class SmtpDispatcher:
         self.config = config
         self.templates = templates
         self._source = itertools.count()
+        self._no_tls: dict[tuple[str, int], float] = {}  # (ip, port) -> until when we skip STARTTLS
 
     def reconfigure(self, config: Config, dkim: dict[str, list[DkimSigner]]) -> None:
         self.config = config
@@ -141,24 +151,47 @@ class SmtpDispatcher:
             return None
         return candidates[next(self._source) % len(candidates)], 0
 
+    async def _open(self, sending: SendingDomain, ip: str, port: int, tls: bool) -> aiosmtplib.SMTP:
+        """A session past EHLO, with STARTTLS when offered and `tls` (opportunistic, RFC 3207)."""
+        t = self.config.timeouts
+        smtp = aiosmtplib.SMTP(hostname=ip, port=port, local_hostname=sending.ehlo,
+                               source_address=self._source_address(sending, ip),
+                               timeout=t.connect, start_tls=False, validate_certs=False)
+        try:
+            await smtp.connect(timeout=t.connect)
+            if smtp.last_ehlo_response is None:
+                await smtp.ehlo(timeout=t.greeting)
+        except BaseException:
+            smtp.close()
+            raise
+        if tls and smtp.supports_extension("starttls"):
+            try:
+                await smtp.starttls(timeout=t.greeting)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                smtp.close()
+                raise _TlsFailed(exc) from exc
+        return smtp
+
     async def connect(self, route: Route, sending_domain: str) -> SmtpSession:
         sending = self.config.sending_domains[sending_domain]
-        t = self.config.timeouts
         last = Reply(0, f"4.4.1 no MX host of {route.domain} could be reached", "connect")
         for host in route.hosts:
             for ip, port in host.addresses:
-                smtp = aiosmtplib.SMTP(hostname=ip, port=port, local_hostname=sending.ehlo,
-                                       source_address=self._source_address(sending, ip),
-                                       timeout=t.connect, start_tls=None, validate_certs=False)
+                peer = f"{host.name}[{ip}]:{port}"
                 try:
-                    await smtp.connect(timeout=t.connect)
-                    if smtp.last_ehlo_response is None:
-                        await smtp.ehlo(timeout=t.greeting)
-                    return SmtpSession(smtp, self.templates, self.config, f"{host.name}[{ip}]:{port}")
+                    try:
+                        smtp = await self._open(sending, ip, port, tls=self._no_tls.get((ip, port), 0) < time.time())
+                    except _TlsFailed as exc:
+                        # Opportunistic TLS must not make mail undeliverable: this host gets it in the
+                        # clear for a while (like Postfix's smtp_tls_security_level = may), and we count it.
+                        self._no_tls[(ip, port)] = time.time() + TLS_RETRY_AFTER
+                        metrics.TLS_FALLBACKS.labels(sending_domain).inc()
+                        log.warning("tls_fallback", sending_domain=sending_domain, peer=peer,
+                                    error=f"{type(exc.__cause__).__name__}: {exc.__cause__}"[:200])
+                        smtp = await self._open(sending, ip, port, tls=False)
+                    return SmtpSession(smtp, self.templates, self.config, peer)
                 except aiosmtplib.SMTPResponseException as exc:
                     last = Reply(int(exc.code), " ".join(str(exc.message).split()), "connect")
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                    last = Reply(0, f"4.4.1 connection to {host.name}[{ip}]:{port} failed: "
-                                    f"{type(exc).__name__}: {exc}", "connect")
-                smtp.close()
+                    last = Reply(0, f"4.4.1 connection to {peer} failed: {type(exc).__name__}: {exc}", "connect")
         raise ConnectFailed(last)
