@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from .conftest import Client, job, poll_events, wait_for
@@ -249,3 +250,23 @@ async def test_failed_tls_handshake_falls_back_to_plain_and_is_counted(daemon_fa
         assert [e["type"] for e in await d.events("deferred")] == []
     finally:
         broken.stop()
+
+
+async def test_an_unreadable_spool_record_is_quarantined_not_a_crash(daemon_factory: Any, sink: Sink) -> None:
+    import sqlite3
+
+    d = await daemon_factory(static={"d.test": [sink.addr]})
+    await d.account(status="review")  # held: the records are damaged before anything is sent
+    assert (await d.submit(job("j1", ["ok1@d.test", "ok2@d.test", "ok3@d.test"])))["accepted"] == 3
+    assert (await d.submit(job("j2", ["ok4@d.test"])))["accepted"] == 1
+    assert d.app is not None
+    with sqlite3.connect(Path(d.app.config.state_dir) / "spool.db") as db:
+        db.execute("UPDATE recipients SET vars = x'ff00ff' WHERE email = 'ok2@d.test'")
+        db.execute("UPDATE jobs SET template = x'7b7b' WHERE job_id = 'j2'")
+    await d.app.accounts.set_status("acme", "active")
+    bounced = await poll_events(d, "bounced", 2)
+    by_rcpt = {e["recipient"]: e for e in bounced}
+    assert by_rcpt["ok2@d.test"]["reason"] == "systemerror" and "quarantined" in by_rcpt["ok2@d.test"]["code"]
+    assert by_rcpt["ok4@d.test"]["code"].startswith("554 5.3.0")  # its template: not renderable
+    await wait_for(lambda: sink.delivered()["ok1@d.test"] and sink.delivered()["ok3@d.test"], 10)
+    assert "ok2@d.test" not in sink.delivered() and (await d.submit({"op": "ping"}))["ok"] is True

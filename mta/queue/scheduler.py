@@ -232,9 +232,20 @@ class Scheduler:
                 if job is None:
                     continue
                 self.jobs[job_row] = job
-                sq.loaded.append(RecipientRow(rowid, job, idx, email, domain, _decode_vars.decode(vars_blob),
-                                              attempts))
+                try:
+                    values = _decode_vars.decode(vars_blob)
+                except (msgspec.DecodeError, TypeError):
+                    self._quarantine(RecipientRow(rowid, job, idx, email or "", domain, {}, attempts))
+                    continue
+                sq.loaded.append(RecipientRow(rowid, job, idx, email, domain, values, attempts))
         return sq.loaded.popleft()
+
+    def _quarantine(self, row: RecipientRow) -> None:
+        """A spool record that cannot be read (a damaged disk, a bug): reported and taken out of
+        the queue as a bounce, never retried in a loop and never a crash (DESIGN.md, principle 7)."""
+        log.error("spool record %s of job %s is unreadable; bounced as systemerror", row.rowid, row.job.job_id)
+        self.settle(row, Outcome.BOUNCED, Reply(554, "5.3.0 spool record unreadable (quarantined)", "local"),
+                    "local", Classification("soft", "systemerror"))
 
     # -- outcomes -----------------------------------------------------------------
     def settle(self, row: RecipientRow, outcome: Outcome, reply: Reply, provider: str,
