@@ -270,3 +270,21 @@ async def test_an_unreadable_spool_record_is_quarantined_not_a_crash(daemon_fact
     assert by_rcpt["ok4@d.test"]["code"].startswith("554 5.3.0")  # its template: not renderable
     await wait_for(lambda: sink.delivered()["ok1@d.test"] and sink.delivered()["ok3@d.test"], 10)
     assert "ok2@d.test" not in sink.delivered() and (await d.submit({"op": "ping"}))["ok"] is True
+
+
+async def test_a_full_disk_answers_unavailable_and_recovers(daemon_factory: Any, sink: Sink) -> None:
+    """SQLITE_FULL (what ENOSPC becomes), made real by capping the database's page count."""
+    d = await daemon_factory(static={"d.test": [sink.addr]})
+    await d.account()
+    assert d.app is not None
+    spool = d.app.spool
+    pages = spool.reader.execute("PRAGMA page_count").fetchone()[0]
+    await spool.transact(lambda conn: conn.execute(f"PRAGMA max_page_count = {pages + 2}"))
+    big = [f"ok{i}-{'x' * 40}@d.test" for i in range(3000)]
+    full = await d.submit(job("full", big))
+    assert full["error"]["code"] == "unavailable" and "full" in full["error"]["message"]
+    assert spool.last_error and (await d.submit({"op": "ping"}))["ok"] is True
+    await spool.transact(lambda conn: conn.execute("PRAGMA max_page_count = 1073741823"))
+    again = await d.submit(job("full", big))  # the same job_id: nothing of the refused one was kept
+    assert again["accepted"] == 3000
+    await wait_for(lambda: len(sink.delivered()) == 3000, 60)
