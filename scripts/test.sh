@@ -21,5 +21,6 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
 echo "== ruff";   .venv/bin/ruff check mta tests bench
+echo "== layers"; .venv/bin/lint-imports --no-cache >/dev/null || .venv/bin/lint-imports --no-cache
 echo "== mypy";   .venv/bin/mypy
 echo "== pytest"; exec .venv/bin/python -m pytest "$@"
