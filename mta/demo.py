@@ -298,9 +298,10 @@ def _tour(console: Any, workdir: Path, metrics_port: int, mxs: dict[str, DemoMx]
             per_sd[sd_of[e["job_id"]]][e["type"]] += 1
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
         metrics_text = r.read().decode()
-    picked = [line for line in metrics_text.splitlines()
-              if line.startswith(("mta_deliveries_total", "mta_submitted_recipients_total", "mta_bounces_total",
-                                  "mta_complaints_total", "mta_paused_accounts"))]
+    order = ("mta_submitted_recipients_total", "mta_complaints_total", "mta_paused_accounts", "mta_bounces_total",
+             "mta_deliveries_total")
+    picked = sorted((line for line in metrics_text.splitlines() if line.startswith(order)),
+                    key=lambda line: next(i for i, name in enumerate(order) if line.startswith(name)))
     shop = account("demo-shop")
     report = {"per_sending_domain": {sd: dict(c) for sd, c in per_sd.items()}, "submitted": total,
               "finished": done, "paused_accounts": [{"id": "bulk-deals", "reason": bad.get("pause_reason"),
