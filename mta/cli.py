@@ -300,38 +300,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true")
     command("reload", cmd_reload, "re-read the config (same as SIGHUP)")
 
-    bounce = sub.add_parser("bounce", help="bounce tools")
-    bsub = bounce.add_subparsers(dest="action", required=True)
-    bp = bsub.add_parser("classify", help="classify saved bounce, ARF and reply mails")
-    _common(bp)
-    bp.add_argument("files", nargs="+", metavar="FILE")
-    bp.set_defaults(func=cmd_bounce_classify)
+    def group(name: str, help_text: str, func: Any, actions: tuple[str, ...],
+              action_help: dict[str, str] | None = None) -> dict[str, argparse.ArgumentParser]:
+        """`mta NAME ACTION ...`: one sub-command per action, each with the common options."""
+        actions_of = sub.add_parser(name, help=help_text).add_subparsers(dest="action", required=True)
+        parsers = {}
+        for action in actions:
+            ap = actions_of.add_parser(action, help=(action_help or {}).get(action))
+            _common(ap)
+            ap.set_defaults(func=func)
+            parsers[action] = ap
+        return parsers
 
-    suppress = sub.add_parser("suppress", help="suppression lists")
-    ssub = suppress.add_subparsers(dest="action", required=True)
-    for action in ("list", "add", "remove"):
-        sp = ssub.add_parser(action)
-        _common(sp)
-        sp.set_defaults(func=cmd_suppress)
+    bounce = group("bounce", "bounce tools", cmd_bounce_classify, ("classify",),
+                   {"classify": "classify saved bounce, ARF and reply mails"})
+    bounce["classify"].add_argument("files", nargs="+", metavar="FILE")
+
+    for action, sp in group("suppress", "suppression lists", cmd_suppress, ("list", "add", "remove")).items():
         if action != "list":
             sp.add_argument("address", help="an address (remove also takes its hash)")
         sp.add_argument("--account", help="the account's list (default: the global list)")
 
-    privacy = sub.add_parser("privacy", help="data protection (SPEC §12)")
-    psub = privacy.add_subparsers(dest="action", required=True)
-    pp = psub.add_parser("erase", help="remove an address from queued mail, events and logs; keep it suppressed")
-    _common(pp)
-    pp.add_argument("address")
-    pp.set_defaults(func=cmd_privacy_erase)
+    privacy = group("privacy", "data protection (SPEC §12)", cmd_privacy_erase, ("erase",),
+                    {"erase": "remove an address from queued mail, events and logs; keep it suppressed"})
+    privacy["erase"].add_argument("address")
     p = command("audit", cmd_audit, "the audit trail of admin actions")
     p.add_argument("--since", help="a time (2026-11-22T10:00:00Z) or a duration back from now (2h, 7d)")
 
-    review = sub.add_parser("review", help="trial-account messages waiting for manual review")
-    rsub = review.add_subparsers(dest="action", required=True)
-    for action in ("list", "approve", "reject"):
-        rp = rsub.add_parser(action)
-        _common(rp)
-        rp.set_defaults(func=cmd_review)
+    review = group("review", "trial-account messages waiting for manual review", cmd_review,
+                   ("list", "approve", "reject"))
+    for action, rp in review.items():
         rp.add_argument("--account", help="only this account's messages")
         if action == "list":
             rp.add_argument("--limit", type=int, default=1000)
@@ -339,25 +337,21 @@ def build_parser() -> argparse.ArgumentParser:
             rp.add_argument("ids", nargs="*", metavar="MSG", help="ids from `mta review list`")
             rp.add_argument("--all", action="store_true", help="every waiting message of --account")
 
-    accounts = sub.add_parser("accounts", help="account admin")
-    asub = accounts.add_subparsers(dest="action", required=True)
-    for action in ("list", "show", "approve", "pause", "resume", "set", "delete"):
-        ap = asub.add_parser(action)
-        _common(ap)
-        ap.set_defaults(func=cmd_accounts)
+    accounts = group("accounts", "account admin", cmd_accounts,
+                     ("list", "show", "approve", "pause", "resume", "set", "delete"))
+    for action, ap in accounts.items():
         if action != "list":
             ap.add_argument("id")
-        if action == "pause":
-            ap.add_argument("--reason", default="paused by an admin")
-        if action == "set":
-            ap.add_argument("--plan", choices=["trial", "free", "monthly", "payg"])
-            ap.add_argument("--subscribers", type=int)
-            ap.add_argument("--notify")
-            ap.add_argument("--status", choices=["active", "review"])
-            ap.add_argument("--hard-bounce-threshold", type=float)
-            ap.add_argument("--credits", type=int)
-            ap.add_argument("--created")
-            ap.add_argument("--no-footer", action="store_true")
+    accounts["pause"].add_argument("--reason", default="paused by an admin")
+    ap = accounts["set"]
+    ap.add_argument("--plan", choices=["trial", "free", "monthly", "payg"])
+    ap.add_argument("--subscribers", type=int)
+    ap.add_argument("--notify")
+    ap.add_argument("--status", choices=["active", "review"])
+    ap.add_argument("--hard-bounce-threshold", type=float)
+    ap.add_argument("--credits", type=int)
+    ap.add_argument("--created")
+    ap.add_argument("--no-footer", action="store_true")
     return parser
 
 
