@@ -13,7 +13,7 @@ import pytest
 from mta.config import Backoff as BackoffConfig
 from mta.config import ShapingRule, Warmup
 from mta.policy.accounts import Account
-from mta.policy.quota import allowance, consume, trial_expired
+from mta.policy.quota import allowance, consume
 from mta.throttle.backoff import PATTERNS, Backoff, classify
 from mta.throttle.limits import LocalLimits
 from mta.throttle.shaping import BUILTIN, RuleBook
@@ -119,8 +119,8 @@ def test_quotas_monthly_trial_payg() -> None:
     used = consume(monthly, 1000, T0)
     assert allowance(used, T0) == 90 and allowance(used, T0 + 40 * 86400) == 1090  # a new month
     trial = _account(plan="trial", subscribers=1000, created="2027-01-10")
-    assert allowance(consume(trial, 60, T0), T0) == 40 and not trial_expired(trial, T0)
-    assert trial_expired(trial, T0 + 30 * 86400)
+    assert allowance(consume(trial, 60, T0), T0) == 40 and not trial.trial_expired(T0)
+    assert trial.trial_expired(T0 + 30 * 86400)
     payg = _account(plan="payg", subscribers=1000, credits=10)
     after = consume(payg, 8, T0)
     assert after.credits == 2 and allowance(after, T0) == 2

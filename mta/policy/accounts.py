@@ -21,6 +21,7 @@ from ..queue.spool import Spool, append_events, put_account
 PLANS = ("trial", "free", "monthly", "payg")
 STATUSES = ("active", "review", "paused", "suspended")
 NEW_ACCOUNT_DAYS = 30
+TRIAL_DAYS = 30  # SPEC §1: no sending once the 30-day trial is over
 MONTHLY_FACTOR = 109  # SPEC §1: monthly cap = 109 x subscriber level
 TRIAL_LIMIT = 100
 # The daemon's own mail (policy notices) is queued under this account: never held, never
@@ -54,6 +55,9 @@ class Account(msgspec.Struct):
         signup = _signup(self.created)
         return 0.0 if signup is None else (now - signup) / 86400.0
 
+    def trial_expired(self, now: float) -> bool:
+        return self.plan == "trial" and self.age_days(now) >= TRIAL_DAYS
+
     def threshold(self, now: float) -> float:
         if self.hard_bounce_threshold is not None:
             return self.hard_bounce_threshold
@@ -79,10 +83,11 @@ class Account(msgspec.Struct):
         }
 
     def _trial(self, now: float) -> dict[str, Any]:
-        """When the trial ends (SPEC §1: 30 days from --created) and what is left of its 100."""
+        """When the trial ends (TRIAL_DAYS from --created) and what is left of its 100."""
         signup = _signup(self.created)
-        ends = datetime.fromtimestamp(signup + 30 * 86400, UTC).date().isoformat() if signup is not None else None
-        return {"trial_ends": ends, "trial_expired": self.age_days(now) >= 30,
+        ends = (datetime.fromtimestamp(signup + TRIAL_DAYS * 86400, UTC).date().isoformat()
+                if signup is not None else None)
+        return {"trial_ends": ends, "trial_expired": self.trial_expired(now),
                 "trial_left": max(0, TRIAL_LIMIT - self.sent_total)}
 
 
@@ -124,7 +129,7 @@ class AccountBook:
         if account is None or account.status != "active":
             return True
         # SPEC §1: no sending once the 30-day trial is over; the mail waits, it is not dropped
-        return account.plan == "trial" and account.age_days(self.clock()) >= 30
+        return account.trial_expired(self.clock())
 
     def paused_count(self) -> int:
         return sum(1 for a in self.accounts.values() if a.status == "paused")

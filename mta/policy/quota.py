@@ -13,15 +13,9 @@ import msgspec
 
 from .accounts import TRIAL_LIMIT, Account
 
-TRIAL_DAYS = 30
-
 
 def month_of(now: float) -> str:
     return datetime.fromtimestamp(now, UTC).strftime("%Y-%m")
-
-
-def trial_expired(account: Account, now: float) -> bool:
-    return account.plan == "trial" and account.age_days(now) >= TRIAL_DAYS
 
 
 def allowance(account: Account, now: float) -> int:

@@ -22,7 +22,7 @@ from ..events import read as read_events
 from ..jsonlines import Peer, error
 from ..policy.accounts import SYSTEM_ACCOUNT, AccountBook
 from ..policy.notices import Notice
-from ..policy.quota import allowance, consume, trial_expired
+from ..policy.quota import allowance, consume
 from ..queue.scheduler import Scheduler
 from ..queue.spool import Spool, SpoolUnavailable, insert_job
 from ..returns import Returns, Signal
@@ -113,7 +113,7 @@ class SubmitService:
         if account.status == "suspended":
             return error("account_suspended", f"account {job.account} is suspended", job_id=job.job_id)
         now = self.clock()
-        if trial_expired(account, now):
+        if account.trial_expired(now):
             return error("trial_expired", f"the 30-day trial of {job.account} is over (since {account.created})",
                          job_id=job.job_id)
         sending_domain = job.sending_domain.lower()
