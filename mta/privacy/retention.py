@@ -21,7 +21,7 @@ from ..queue.spool import Spool, put_kv
 from ..returns import Suppression
 
 log = get_logger("mta.privacy")
-KV_EVENTS_FROM = "privacy:events_from"
+KV_PURGED_TO = "privacy:purged_to"  # {"events": cursor, "jobs": row} where the next pass starts
 
 
 class Retention:
@@ -31,8 +31,9 @@ class Retention:
         self.suppression = suppression
         self.retention = retention
         self.clock = clock
-        saved = spool.kv(KV_EVENTS_FROM)
-        self.events_from = int(msgspec.json.decode(saved)) if saved else 0
+        saved = spool.kv(KV_PURGED_TO)
+        position = msgspec.json.decode(saved, type=dict[str, int]) if saved else {}
+        self.events_from, self.jobs_from = position.get("events", 0), position.get("jobs", 0)
 
     @property
     def interval(self) -> float:
@@ -41,10 +42,16 @@ class Retention:
 
     async def purge_once(self) -> dict[str, int]:
         cutoff = self.clock() - self.retention
-        deleted, self.events_from, hashed, scrubbed = await self.spool.transact(
-            purge_expired, cutoff, self.events_from)
-        self.spool.post(put_kv, KV_EVENTS_FROM, msgspec.json.encode(self.events_from))
-        self.suppression.forget_addresses(before=cutoff)
+        before = (self.events_from, self.jobs_from)
+        deleted, self.events_from, hashed, scrubbed, self.jobs_from = await self.spool.transact(
+            purge_expired, cutoff, self.events_from, self.jobs_from)
+        if (self.events_from, self.jobs_from) != before:
+            self.spool.post(put_kv, KV_PURGED_TO,
+                            msgspec.json.encode({"events": self.events_from, "jobs": self.jobs_from}))
+        if hashed:  # the in-memory entries follow the table, only when it changed
+            self.suppression.forget_addresses(before=cutoff)
+        # always: final deliveries clear addresses all the time, and their old page images
+        # stay in the WAL until it is truncated
         self.spool.truncate_wal()
         if deleted or hashed or scrubbed:
             log.info("retention_purge", events=deleted, suppression_hashed=hashed, answers_scrubbed=scrubbed)

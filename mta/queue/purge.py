@@ -21,30 +21,36 @@ ADDRESS_EVENTS = ("delivered", "deferred", "bounced", "expired", "unsubscribed")
 BATCH = 5000
 
 
-def purge_expired(conn: sqlite3.Connection, cutoff: float, events_from: int) -> tuple[int, int, int, int]:
-    """Drop what carries an address and is older than cutoff: events from cursor
-    events_from on (in cursor order, which is time order up to a batch), suppression
-    entries' clear address, and the addresses in the stored answers of old jobs.
-    Returns (events deleted, next events cursor, suppression entries hashed, answers scrubbed)."""
-    rows = conn.execute("SELECT cursor, time, type FROM events WHERE cursor >= ? ORDER BY cursor LIMIT ?",
-                        (events_from, BATCH)).fetchall()
-    doomed, next_from = [], events_from
-    for cursor, when, etype in rows:
-        if when >= cutoff:
+def _expired(conn: sqlite3.Connection, sql: str, start: int, cutoff: float) -> tuple[list[Any], int]:
+    """Rows of `sql` (key, time, ...) from key `start` on, in key order, while older than
+    cutoff (keys grow with time, up to a batch), and the key to start from next time."""
+    rows, next_from = [], start
+    for row in conn.execute(sql, (start, BATCH)).fetchall():
+        if row[1] >= cutoff:
             break
-        next_from = cursor + 1
-        if etype in ADDRESS_EVENTS:
-            doomed.append((cursor,))
+        next_from = row[0] + 1
+        rows.append(row)
+    return rows, next_from
+
+
+def purge_expired(conn: sqlite3.Connection, cutoff: float, events_from: int,
+                  jobs_from: int) -> tuple[int, int, int, int, int]:
+    """Drop what carries an address and is older than cutoff: events from cursor events_from
+    on, suppression entries' clear address, and the addresses in the stored answers of jobs
+    from row jobs_from on. Each pass starts where the last one stopped, so old rows are
+    read once. Returns (events deleted, next events cursor, suppression entries hashed,
+    answers scrubbed, next job row)."""
+    events, next_events = _expired(
+        conn, "SELECT cursor, time, type FROM events WHERE cursor >= ? ORDER BY cursor LIMIT ?", events_from, cutoff)
+    doomed = [(cursor,) for cursor, _, etype in events if etype in ADDRESS_EVENTS]
     conn.executemany("DELETE FROM events WHERE cursor = ?", doomed)
     hashed = conn.execute("UPDATE suppression SET address = NULL WHERE address IS NOT NULL AND time < ?",
                           (cutoff,)).rowcount
-    scrubbed = 0
-    for job_row, answer in conn.execute(
-            "SELECT id, answer FROM jobs WHERE created < ? AND answer LIKE '%\"email\"%' LIMIT ?",
-            (cutoff, BATCH)).fetchall():
-        conn.execute("UPDATE jobs SET answer = ? WHERE id = ?", (_without_emails(bytes(answer)), job_row))
-        scrubbed += 1
-    return len(doomed), next_from, hashed, scrubbed
+    jobs, next_jobs = _expired(
+        conn, "SELECT id, created, answer FROM jobs WHERE id >= ? ORDER BY id LIMIT ?", jobs_from, cutoff)
+    named = [(_without_emails(bytes(answer)), job_row) for job_row, _, answer in jobs if b'"email"' in bytes(answer)]
+    conn.executemany("UPDATE jobs SET answer = ? WHERE id = ?", named)
+    return len(doomed), next_events, hashed, len(named), next_jobs
 
 
 def _without_emails(answer: bytes, only: str | None = None) -> bytes:
