@@ -8,8 +8,10 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from ..config import ConfigError, parse_duration
 from ..events import read as read_events
 from ..jsonlines import Peer, error
 from ..policy.accounts import AccountError
@@ -122,11 +124,16 @@ class ControlService:
         self.app.templates.clear()  # the footer setting is compiled into templates
         return account.view(time.time())
 
-    def _account(self, request: dict[str, Any]) -> str:
-        account_id = str(request.get("id") or "")
+    def _account(self, request: dict[str, Any], key: str = "id") -> str:
+        """The account a request names under `key`; unknown_account if there is none such."""
+        account_id = str(request.get(key) or "")
         if self.app.accounts.get(account_id) is None:
             raise AccountError("unknown_account", f"no account {account_id!r}")
         return account_id
+
+    def _account_filter(self, request: dict[str, Any]) -> str | None:
+        """An optional `--account`: None for all accounts, else a known one."""
+        return self._account(request, "account") if request.get("account") else None
 
     async def accounts_show(self, request: dict[str, Any]) -> Any:
         account = self.app.accounts.get(self._account(request))
@@ -149,7 +156,6 @@ class ControlService:
         reason = str(request.get("reason") or "paused by an admin")
         return (await self.app.accounts.set_status(self._account(request), "paused", reason)).view(time.time())
 
-
     async def accounts_delete(self, request: dict[str, Any]) -> Any:
         return await self.app.erasure.delete_account(self._account(request))
 
@@ -162,16 +168,11 @@ class ControlService:
 
     # -- review --------------------------------------------------------------------------
     async def review_list(self, request: dict[str, Any]) -> Any:
-        account = request.get("account") or None
-        if account is not None:
-            self._account({"id": account})
-        return self.app.review.waiting(account, int(request.get("limit") or 1000))
+        return self.app.review.waiting(self._account_filter(request), int(request.get("limit") or 1000))
 
     def _review_target(self, request: dict[str, Any]) -> tuple[list[str] | None, str | None]:
         ids = request.get("ids") or []
-        account = request.get("account") or None
-        if account is not None:
-            self._account({"id": account})
+        account = self._account_filter(request)
         if request.get("all"):
             if account is None:
                 raise ValueError("--all needs --account ID")
@@ -190,10 +191,6 @@ class ControlService:
 def parse_since(value: str, now: float) -> float:
     """`--since`: an ISO 8601 date or time (UTC unless it says otherwise), or a duration back
     from now ("2h", "7d")."""
-    from datetime import UTC, datetime
-
-    from ..config import ConfigError, parse_duration
-
     try:
         return now - parse_duration(value, "--since")
     except ConfigError:
