@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import shutil
 import signal
+import socket
 import time
 from typing import Any
 
@@ -18,6 +20,7 @@ import msgspec
 
 from . import metrics
 from .accounting import AccountingLog
+from .cluster.link import ClusterDown, ClusterLink
 from .config import Config, ConfigError, load_config
 from .control.service import ControlService
 from .delivery.dkim import load_signers
@@ -41,9 +44,15 @@ from .queue.spool import Spool, put_kv
 from .results import Results
 from .returns import Returns
 from .sdnotify import Notifier
+from .sharing.accounts import SharedAccounts
+from .sharing.counters import SharedCounters
+from .sharing.jobs import SharedJobKeys
+from .sharing.privacy import SharedErasure
+from .sharing.suppression import SharedSuppression
 from .submit.service import SubmitService
-from .throttle.limits import Throttles
+from .throttle.limits import LocalLimits, Throttles
 from .throttle.shaping import RuleBook
+from .throttle.shared import SharedLimits
 from .throttle.warmup import WarmupCounter
 from .tokens import TokenSigner, load_key
 
@@ -61,6 +70,7 @@ class App:
         self._warmup_dirty: dict[str, WarmupCounter] = {}
         self._rate_samples: list[tuple[float, int]] = []  # (time, finished deliveries) every 5 s
         self._warmup_handle: asyncio.TimerHandle | None = None
+        self._key_mismatch = False
 
     # -- start ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -84,7 +94,8 @@ class App:
         self.templates = TemplateCache(self.spool.template, self.signer, cfg, dkim=signers,
                                        footer_for=self._footer_for)
         self.dispatcher = SmtpDispatcher(cfg, self.templates)
-        self.throttles = Throttles(cfg.backoff, self._warmups(cfg))
+        self.link = ClusterLink(cfg.redis_url, self._node_id()) if cfg.redis_url else None
+        self.throttles = Throttles(cfg.backoff, self._warmups(cfg), make=self._limits_factory())
         self.ready = ReadyQueues(self.resolver, RuleBook(cfg.shaping), self.throttles, self.dispatcher,
                                  self.scheduler, on_connections=self._connections)
         self.scheduler.router = self.ready
@@ -109,6 +120,8 @@ class App:
         self.erasure = Erasure(self.spool, self.accounts, self.campaigns, self.returns, self.scheduler, self.results,
                                self.signer.address_hash)
         self.retention = Retention(self.spool, self.returns.suppression, cfg.retention)
+        if self.link is not None:
+            await self._join_cluster(self.link)
         self.listener = attach(cfg, self.signer, self.spool, self.returns, self.spool.job)
         self.submit_server = JsonLineServer(cfg.submit_socket, self.submit_service.handle,
                                             max_line=cfg.max_line_bytes, mode=0o660, group=cfg.submit_group,
@@ -137,6 +150,65 @@ class App:
             self._background.append(loop.create_task(self._watchdog()))
         self._background.append(loop.create_task(self._housekeeping()))
         self._background.append(loop.create_task(self.retention.run()))
+
+    # -- cluster mode (SPEC §10) ------------------------------------------------------------
+    def _node_id(self) -> str:
+        """This node's name in the cluster, kept in its spool: its shared counters are its own
+        across restarts (a new name would count its campaigns twice)."""
+        saved = self.spool.kv("cluster:node")
+        if saved is not None:
+            return saved.decode()
+        host = "".join(c if c.isalnum() or c in "-." else "-" for c in socket.gethostname())[:40]
+        node = f"{host}-{secrets.token_hex(3)}"
+        self.spool.post(put_kv, "cluster:node", node.encode())
+        return node
+
+    def _limits_factory(self) -> Any:
+        link = self.link
+        if link is None:
+            return LocalLimits
+
+        def make(sending_domain: str, rule: Any, backoff: Any, warmup: Any) -> LocalLimits:
+            return SharedLimits(sending_domain, rule, link, backoff, warmup)
+
+        return make
+
+    async def _join_cluster(self, link: ClusterLink) -> None:
+        """Share accounts, suppression, counters, job keys and erasures; first contact (and
+        reconcile) before the node serves, or degraded from the start if Redis is away."""
+        shared_accounts = SharedAccounts(link, self.accounts)
+        SharedSuppression(link, self.returns)
+        SharedCounters(link, self.campaigns, self.policy.rejudge)
+        self.submit_service.job_keys = SharedJobKeys(link, self.config.retention)
+        SharedErasure(link, self.erasure, shared_accounts)
+
+        async def renew_leases() -> None:
+            for limits in self.throttles.all():
+                if isinstance(limits, SharedLimits):
+                    await limits.renew()
+
+        link.on_beat.append(renew_leases)
+        check = self.signer.address_hash("mta-cluster-key-check")
+        link.on_up.insert(0, lambda: self._same_key(link, check))
+        await link.start()
+        if self._key_mismatch:
+            await link.close()
+            raise ConfigError("security.token_key_file: this node's key is not the one the other nodes of "
+                              "the cluster use (suppression hashes and bounce tokens must match)")
+        if not link.up:
+            log.warning("cluster_degraded", error="redis unavailable at start", nodes=link.nodes)
+
+    async def _same_key(self, link: ClusterLink, check: str) -> None:
+        """Every node must hold the same token key: suppression is shared as keyed hashes."""
+        key = link.key("key_check")
+
+        async def compare(r: Any) -> bool:
+            await r.set(key, check, nx=True)
+            return bool(await r.get(key) == check.encode())
+
+        self._key_mismatch = not await link.call(compare)
+        if self._key_mismatch:
+            raise ClusterDown("token key mismatch")  # never up with a key the others do not share
 
     def _warmups(self, cfg: Config) -> dict[str, WarmupCounter]:
         """Warm-up counters per sending domain, with today's count restored from the spool."""
@@ -261,6 +333,8 @@ class App:
             "throttles": [t.state(time.time()) for t in self.throttles.all()],
             "accounts": len(self.accounts.accounts), "review": self.review.count(),
             "not_yet_in_effect": list(self.config.not_yet_in_effect),
+            "cluster": None if self.link is None else {"node": self.link.node, "redis": self.link.up,
+                                                        "degraded": not self.link.up, "nodes": self.link.nodes},
         }
 
     def reload(self) -> dict[str, Any]:
@@ -308,6 +382,8 @@ class App:
         for task in self._background:
             task.cancel()
         self.scheduler.stop()
+        if self.link is not None:
+            await self.link.close()
         await self.control_server.close()
         await self.http.close()
         self.results.flush()

@@ -47,6 +47,12 @@ EVENTS = Counter("mta_events", "Events appended to the feed", ["type"], registry
 DNS_LOOKUPS = Counter("mta_dns_cache", "MX resolutions by cache result", ["result"], registry=REGISTRY)
 TLS_FALLBACKS = Counter("mta_tls_fallbacks", "STARTTLS handshakes that failed; the host gets mail in the clear",
                         ["sending_domain"], registry=REGISTRY)
+CLUSTER_DEGRADED = Gauge("mta_cluster_degraded",
+                         "1 while cluster mode is on and Redis does not answer (local limits in effect)",
+                         registry=REGISTRY)
+CLUSTER_NODES = Gauge("mta_cluster_nodes", "Nodes seen alive in the cluster (cluster mode)", registry=REGISTRY)
+CLUSTER_OUTAGES = Counter("mta_cluster_outages", "Times this node lost its Redis and went degraded",
+                          registry=REGISTRY)
 UP = Gauge("mta_up", "1 while the daemon is serving", registry=REGISTRY)
 
 

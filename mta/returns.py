@@ -53,6 +53,7 @@ class Signal:
 
 
 Listener = Callable[[Signal], None]
+SuppressionRow = tuple[str, str, str | None, str, float]  # account (or *), hash, address, reason, time
 
 
 class Suppression:
@@ -123,6 +124,9 @@ class Returns:
         # transaction and only if it is not a repeat
         self.write_hooks: list[Callable[[Signal], list[WriteOp]]] = []
         self._pending: list[tuple[str, str, str | None, str, float]] = []  # in-session hard bounces
+        # cluster mode (sharing/suppression.py): new entries and removals go to the other nodes
+        self.on_suppress: list[Callable[[list[SuppressionRow]], None]] = []
+        self.on_unsuppress: list[Callable[[str, str], None]] = []
 
     def load(self) -> None:
         """The suppression lists from the spool."""
@@ -153,8 +157,7 @@ class Returns:
         if not await self.spool.transact(_write, events, suppress, s.recipient_row, s.type, extras):
             log.info("return_duplicate", type=s.type, account=s.account, campaign=s.campaign)
             return False
-        for row in suppress:
-            self.suppression.add(*row)
+        self._added([row for row in suppress if self.suppression.add(*row)])
         if s.type == "bounced":
             metrics.BOUNCES.labels(s.kind or "soft", s.reason or "undefined").inc()
         elif s.type == "complained":
@@ -176,9 +179,24 @@ class Returns:
         job = d.row.job
         s = Signal("bounced", job.account, job.campaign, self.address_hash(d.row.email), d.row.email.lower(),
                    kind=cls.kind, reason=cls.reason, source="smtp")
-        for row in self._suppressions(s, self.clock()):
-            if self.suppression.add(*row):
-                self._pending.append(row)
+        added = [row for row in self._suppressions(s, self.clock()) if self.suppression.add(*row)]
+        self._pending += added
+        self._added(added)
+
+    def _added(self, rows: list[SuppressionRow]) -> None:
+        if rows:
+            for hook in self.on_suppress:
+                hook(rows)
+
+    def apply_remote(self, rows: list[SuppressionRow]) -> None:
+        """Entries another node added (hash only): suppressed here at once, durable soon."""
+        new = [row for row in rows if self.suppression.add(*row)]
+        if new:
+            self.spool.post(put_suppression, new)
+
+    def remove_remote(self, account: str, rhash: str) -> None:
+        if self.suppression.remove(account, rhash):
+            self.spool.post(delete_suppression, account, [rhash])
 
     def take_writes(self) -> list[WriteOp]:
         if not self._pending:
@@ -206,12 +224,15 @@ class Returns:
         row = (account or GLOBAL, rhash, address.strip().lower(), reason, self.clock())
         await self.spool.transact(put_suppression, [row])
         added = self.suppression.add(*row)
+        self._added([row] if added else [])
         return {"account": account, "hash": rhash, "added": added}
 
     async def remove(self, account: str | None, address: str) -> dict[str, Any]:
         key = address.strip().lower()
         rhash = key if len(key) == 32 and "@" not in key else self.address_hash(key)
         await self.spool.transact(delete_suppression, account or GLOBAL, [rhash])
+        for hook in self.on_unsuppress:
+            hook(account or GLOBAL, rhash)
         return {"account": account, "hash": rhash, "removed": self.suppression.remove(account or GLOBAL, rhash)}
 
 

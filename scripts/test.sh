@@ -5,11 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the tests use for real (not mocked): dnsmasq as the DNS server,
-# promtool and prometheus for the alert rules and a scrape, systemd-analyze for the unit.
+# promtool and prometheus for the alert rules and a scrape, systemd-analyze for the unit,
+# redis-server for cluster mode.
 missing=()
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)       # promtool and a real Prometheus
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)   # systemd-analyze verify
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server) # cluster mode (SPEC §10)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   echo "installing ${missing[*]} (apt-get)"

@@ -11,7 +11,7 @@ import functools
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -50,6 +50,7 @@ class Account(msgspec.Struct):
     sent_this_month: int = 0
     month: str = ""
     sent_total: int = 0
+    rev: int = 0  # revision: cluster mode stores a change only over the revision it was made from
 
     def age_days(self, now: float) -> float:
         signup = _signup(self.created)
@@ -100,6 +101,22 @@ def _signup(created: str) -> float | None:
         return None
 
 
+# Usage is counted by the node that accepts the mail; a record from another node never
+# overwrites it (docs/scaling.md: quotas are per node).
+LOCAL_FIELDS = ("sent_this_month", "month", "sent_total")
+# (account as it is now, previous status, whether the change was made on this node)
+StatusHook = Callable[[Account, str, bool], None]
+
+
+class SharedStore(Protocol):
+    """Cluster mode (sharing/accounts.py): where a change is agreed on before it is made."""
+
+    async def commit(self, account: Account) -> Account | None:
+        """Store `account` (revision r + 1) if the shared record is still at r; else return
+        the shared record that won. Without Redis, the change is local until reconciled."""
+        ...
+
+
 def _put(conn: Any, account: Account, events: list[tuple[float, str, str | None, bytes]]) -> None:
     put_account(conn, account.id, msgspec.json.encode(account))
     if events:
@@ -112,8 +129,8 @@ class AccountBook:
         self.clock = clock
         self.accounts: dict[str, Account] = {}
         self.on_release: list[Callable[[str], None]] = []
-        # (account as it is now, previous status): after every durable status change
-        self.on_status: list[Callable[[Account, str], None]] = []
+        self.on_status: list[StatusHook] = []  # after every status change
+        self.shared: SharedStore | None = None
 
     def load(self) -> None:
         for account_id, data in self.spool.accounts():
@@ -140,17 +157,22 @@ class AccountBook:
             raise AccountError("invalid_argument", "account id must be 1-200 characters without spaces")
         if account_id.startswith("_"):
             raise AccountError("invalid_argument", "account ids starting with '_' are reserved for the daemon")
-        old = self.accounts.get(account_id)
-        if old is None:
-            missing = [k for k in ("plan", "subscribers", "notify") if fields.get(k) is None]
-            if missing:
-                raise AccountError("invalid_argument", f"a new account needs {', '.join('--' + m for m in missing)}")
-        merged: dict[str, Any] = msgspec.structs.asdict(old) if old else {"id": account_id}
-        merged.update({k: v for k, v in fields.items() if v is not None})
-        if old is None:
-            merged.setdefault("status", "review")  # SPEC §1: new accounts wait for an admin
-            merged.setdefault("created", datetime.fromtimestamp(self.clock(), UTC).date().isoformat())
-        account = _validated(merged)
+        while True:
+            old = self.accounts.get(account_id)
+            if old is None:
+                missing = [k for k in ("plan", "subscribers", "notify") if fields.get(k) is None]
+                if missing:
+                    raise AccountError("invalid_argument",
+                                       f"a new account needs {', '.join('--' + m for m in missing)}")
+            merged: dict[str, Any] = msgspec.structs.asdict(old) if old else {"id": account_id}
+            merged.update({k: v for k, v in fields.items() if v is not None})
+            merged["rev"] = (old.rev if old else 0) + 1
+            if old is None:
+                merged.setdefault("status", "review")  # SPEC §1: new accounts wait for an admin
+                merged.setdefault("created", datetime.fromtimestamp(self.clock(), UTC).date().isoformat())
+            account = _validated(merged)
+            if await self._agreed(account):
+                break
         events = []
         if old is not None and old.status != account.status:
             events.append(self._status_event(account, old.status))
@@ -172,15 +194,47 @@ class AccountBook:
             raise AccountError("invalid_argument", f"status must be one of {', '.join(STATUSES)}")
         old_status = account.status
         paused = status == "paused"
-        changed = msgspec.structs.replace(account, status=status, pause_reason=reason if paused else None,
-                                          pause_detail=detail if paused else None)
+        while True:
+            changed = msgspec.structs.replace(account, status=status, pause_reason=reason if paused else None,
+                                              pause_detail=detail if paused else None, rev=account.rev + 1)
+            if status != "active":
+                self.accounts[account_id] = changed
+            if await self._agreed(changed):
+                break
+            # another node changed it first (its change is applied now, with its own notice)
+            account = self.accounts[account_id]
+            if account.status == status:
+                return account
         events = [self._status_event(changed, old_status, detail)] if old_status != status else []
-        if status != "active":
-            self.accounts[account_id] = changed
         await self.spool.transact(_put, changed, events)
         self.accounts[account_id] = changed
         self._changed(changed, old_status)
         return changed
+
+    async def _agreed(self, account: Account) -> bool:
+        """Cluster mode: the change is stored in Redis over the revision it was made from; if
+        another node's change won, that one is applied here and the caller starts over."""
+        if self.shared is None:
+            return True
+        winner = await self.shared.commit(account)
+        if winner is None:
+            return True
+        self.apply_remote(winner, force=True)
+        return False
+
+    def apply_remote(self, account: Account, force: bool = False) -> bool:
+        """Another node's newer record: applied in memory at once (a pause holds mail now),
+        written to this node's spool without an event (the other node's feed has it)."""
+        old = self.accounts.get(account.id)
+        if old is not None and old.rev >= account.rev and not force:
+            return False
+        if old is not None:
+            account = msgspec.structs.replace(account, **{k: getattr(old, k) for k in LOCAL_FIELDS})
+        self.accounts[account.id] = account
+        self.spool.post(_put, account, [])
+        if old is not None:
+            self._changed(account, old.status, local=False)
+        return True
 
     def remove(self, account_id: str) -> None:
         """Forget a deleted account (the spool rows are gone already)."""
@@ -199,14 +253,14 @@ class AccountBook:
         body.update(extra or {})
         return event_row(etype, account.id, body, self.clock())
 
-    def _changed(self, account: Account, old_status: str) -> None:
+    def _changed(self, account: Account, old_status: str, local: bool = True) -> None:
         if account.status == old_status:
             return
         if account.status == "active":
             for release in self.on_release:
                 release(account.id)
         for callback in self.on_status:
-            callback(account, old_status)
+            callback(account, old_status, local)
 
 
 def _validated(fields: dict[str, Any]) -> Account:

@@ -14,7 +14,7 @@ minimum sample, instead of pausing again on the same bounces.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,13 +34,19 @@ class Campaign:
     counts: list[int] = field(default_factory=lambda: [0] * N)
     base: list[int] = field(default_factory=lambda: [0] * N)
     warned: bool = False
+    # cluster mode: what the other nodes counted, as of the last exchange with Redis
+    others: list[int] = field(default_factory=lambda: [0] * N)
 
     def get(self, name: str) -> int:
-        return self.counts[INDEX[name]]
+        i = INDEX[name]
+        return self.counts[i] + self.others[i]
+
+    def totals(self) -> list[int]:
+        return [a + b for a, b in zip(self.counts, self.others, strict=True)]
 
     def since_resume(self, name: str) -> int:
         i = INDEX[name]
-        return self.counts[i] - self.base[i]
+        return self.counts[i] + self.others[i] - self.base[i]
 
     def rates(self) -> dict[str, float | None]:
         """The three rates of SPEC §1 over the campaign's whole life."""
@@ -53,7 +59,7 @@ class Campaign:
 
     def view(self) -> dict[str, Any]:
         out: dict[str, Any] = {"campaign": self.campaign}
-        out.update({name: self.counts[i] for i, name in enumerate(COUNT_FIELDS)})
+        out.update({name: self.get(name) for name in COUNT_FIELDS})
         out.update({k: None if v is None else round(v, 6) for k, v in self.rates().items()})
         out["warned"] = self.warned
         return out
@@ -69,6 +75,7 @@ class CampaignBook:
         self.campaigns: dict[tuple[str, str], Campaign] = {}
         self.by_account: dict[str, set[str]] = {}
         self._pending: dict[tuple[str, str], list[int]] = {}
+        self.on_bump: Callable[[Campaign], None] | None = None  # cluster mode: share the new counts
 
     def load(self) -> None:
         for row in self.spool.campaigns():
@@ -110,6 +117,8 @@ class CampaignBook:
             c.counts[i] += 1
             if pending is not None:
                 pending[i] += 1
+        if self.on_bump is not None:
+            self.on_bump(c)
 
     def take_writes(self) -> list[WriteOp]:
         """The counted deltas, for the results batch that carries the outcomes behind them."""

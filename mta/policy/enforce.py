@@ -33,6 +33,7 @@ ABUSE_FEEDBACK = frozenset({"abuse", "fraud", "virus", "other"})
 # Only these raise a rate: a delivery or a further attempt can only lower one, so an
 # outcome that moves none of them needs no judging (except the one that completes the sample).
 RAISING = frozenset({"hard", "complaints", "unsubscribes", "blocklisted"})
+_ANY_RATE = tuple(sorted(RAISING))
 SendNotice = Callable[[str, str, Notice], Awaitable[None]]  # (account id, to, notice)
 
 
@@ -113,6 +114,10 @@ class PolicyEnforcer:
         self._judge(c, names)
 
     # -- judging ----------------------------------------------------------------------------
+    def rejudge(self, c: Campaign) -> None:
+        """Cluster mode: other nodes' counts moved the campaign's totals."""
+        self._judge(c, _ANY_RATE)
+
     def blocklisted_since_resume(self, account: str) -> int:
         return sum(c.since_resume("blocklisted") for c in self.campaigns.of_account(account))
 
@@ -157,9 +162,14 @@ class PolicyEnforcer:
         await self._notify(account, notice)
 
     # -- account status changes ----------------------------------------------------------------
-    def on_status(self, account: Account, old_status: str) -> None:
+    def on_status(self, account: Account, old_status: str, local: bool = True) -> None:
         """AccountBook hook: a pause (ours or an admin's) sends the notice; a resume starts the
-        account's campaigns on a fresh sample."""
+        account's campaigns on a fresh sample. A change another node made (cluster mode) is
+        that node's to log and notify: here it only starts the fresh sample."""
+        if not local:
+            if account.status == "active" and old_status == "paused":
+                self._fresh_sample(account.id)
+            return
         if account.status == "paused":
             if account.pause_detail is None:  # by hand: the policy's own pauses logged already
                 log.warning("policy", decision="pause", account=account.id, rule="admin",
@@ -168,15 +178,19 @@ class PolicyEnforcer:
                                   self.policy.notice_from)
             self._spawn(self._notify(account, notice))
         elif account.status == "active" and old_status == "paused":
-            campaigns = self.campaigns.of_account(account.id)
-            for c in campaigns:
-                c.base = list(c.counts)
-            if campaigns:
-                fn, args = CampaignBook.marks_write(campaigns)
-                self.spool.post(fn, *args)
-            log.info("policy", decision="resume", account=account.id, campaigns=len(campaigns))
+            campaigns = self._fresh_sample(account.id)
+            log.info("policy", decision="resume", account=account.id, campaigns=campaigns)
         elif account.status == "active":
             log.info("policy", decision="approve", account=account.id, previous=old_status)
+
+    def _fresh_sample(self, account_id: str) -> int:
+        campaigns = self.campaigns.of_account(account_id)
+        for c in campaigns:
+            c.base = c.totals()
+        if campaigns:
+            fn, args = CampaignBook.marks_write(campaigns)
+            self.spool.post(fn, *args)
+        return len(campaigns)
 
     async def _notify(self, account: Account, notice: Notice) -> None:
         if self.send_notice is None:

@@ -11,7 +11,7 @@ address (`Results.forget_account` / `forget_address`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..events import event_row
@@ -39,8 +39,11 @@ class Erasure:
         self.results = results
         self.address_hash = address_hash
         self.clock = clock
+        # cluster mode (sharing/privacy.py): the same request runs on the other nodes
+        self.on_delete: list[Callable[[str], Awaitable[None]]] = []
+        self.on_erase: list[Callable[[str], Awaitable[None]]] = []
 
-    async def delete_account(self, account_id: str) -> dict[str, Any]:
+    async def delete_account(self, account_id: str, announce: bool = True) -> dict[str, Any]:
         if self.accounts.get(account_id) is None:
             raise AccountError("unknown_account", f"no account {account_id!r}")
         # hold at once: nothing more of it goes on the wire while the spool forgets it
@@ -54,9 +57,12 @@ class Erasure:
         self.scheduler.drop_account(account_id)  # anything a timer re-queued meanwhile
         self.spool.truncate_wal()
         log.warning("account_deleted", account=account_id, **counts)
+        if announce:
+            for hook in self.on_delete:
+                await hook(account_id)
         return {"deleted": account_id, **counts}
 
-    async def erase(self, address: str) -> dict[str, Any]:
+    async def erase(self, address: str, announce: bool = True) -> dict[str, Any]:
         key = address.strip().lower()
         if "@" not in key or any(c.isspace() or c in "\0" for c in key):
             raise ValueError("privacy erase takes one address")
@@ -70,4 +76,7 @@ class Erasure:
         self.scheduler.forget_address(key)
         self.spool.truncate_wal()
         log.warning("address_erased", rcpt_hash=rhash, rcpt_domain=key.rpartition("@")[2], **counts)
+        if announce:
+            for hook in self.on_erase:
+                await hook(key)
         return {"erased": rhash, **counts}

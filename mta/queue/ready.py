@@ -29,6 +29,7 @@ log = logging.getLogger("mta.ready")
 decisions_log = get_logger("mta.throttle")
 # Close a connection rather than hold it through a throttle wait longer than this.
 IDLE_CLOSE = 2.0
+LEASE_RETRY = 0.5  # cluster mode: how soon to ask again for a connection slot held elsewhere
 
 
 class Session(Protocol):
@@ -111,10 +112,17 @@ class ReadyQueue:
     async def _worker(self) -> None:
         session: Session | None = None
         sent = 0
-        per_connection = self.limits.rule.max_messages_per_connection
+        limits = self.limits
+        per_connection = limits.rule.max_messages_per_connection
+        lease: str | None = None
         try:
+            lease = await limits.lease()  # cluster mode: a slot of the provider's cluster-wide connections
+            if lease is None:
+                return  # all held by other nodes: `finally` asks again shortly
             while self.sqs and not self.scheduler.draining:
-                delay = self.limits.acquire(self.clock())
+                delay = limits.acquire(self.clock())
+                if not delay and limits.shared:
+                    delay = await limits.reserve(self.clock())
                 if delay > 0:
                     if session is not None and delay > IDLE_CLOSE:
                         await self._close(session)
@@ -153,10 +161,15 @@ class ReadyQueue:
         finally:
             if session is not None:
                 await self._close(session)
+            if lease:
+                await limits.release(lease)
             self.workers -= 1
-            self.limits.close_connection()
+            limits.close_connection()
             if self.sqs and self.workers == 0 and not self.scheduler.draining:
-                self.kick()
+                if lease is None:  # leases carry no wake-up: poll for a slot
+                    asyncio.get_running_loop().call_later(LEASE_RETRY, self.kick)
+                else:
+                    self.kick()
 
     async def _sleep(self, delay: float) -> None:
         task = asyncio.current_task()

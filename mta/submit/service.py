@@ -11,7 +11,7 @@ import hashlib
 import itertools
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -33,6 +33,20 @@ _encode = msgspec.json.encode
 _decode = msgspec.json.decode
 
 
+class HeldKey(Protocol):
+    node: str
+    digest: str  # hex; empty while the holder is still accepting
+    answer: bytes
+
+
+class JobKeys(Protocol):
+    """Cluster mode (sharing/jobs.py): a job_id accepted once across the nodes."""
+
+    async def claim(self, account: str, job_id: str) -> HeldKey | None: ...
+    async def accepted(self, account: str, job_id: str, digest: bytes, answer: bytes) -> None: ...
+    async def abandon(self, account: str, job_id: str) -> None: ...
+
+
 class SubmitService:
     def __init__(self, config: Config, spool: Spool, accounts: AccountBook, scheduler: Scheduler,
                  address_hash: Callable[[str], str], returns: Returns,
@@ -46,6 +60,7 @@ class SubmitService:
         self.clock = clock
         self.read_up_to = 0  # the highest cursor a reader has asked to read after (event-feed lag)
         self._notices = itertools.count(1)  # two notices in one millisecond still get their own job_id
+        self.job_keys: JobKeys | None = None
 
     async def handle(self, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
         op = request["op"]
@@ -107,6 +122,28 @@ class SubmitService:
         found = self.spool.find_job(job.account, job.job_id)
         if found is not None:
             return self._replay(job.job_id, digest, *found)
+        if self.job_keys is None:
+            return await self._admit(job, digest)
+        # cluster mode: the job_id is claimed across the nodes first, so that a job another
+        # node accepted is replayed, even if the account was paused since
+        held = await self.job_keys.claim(job.account, job.job_id)
+        if held is not None:
+            if not held.digest:
+                return error("unavailable", f"job_id {job.job_id!r} is being accepted by node {held.node}; "
+                             "retry shortly", job_id=job.job_id)
+            return self._replay(job.job_id, digest, bytes.fromhex(held.digest), held.answer)
+        answer = await self._admit(job, digest)
+        if answer.get("ok") is True:  # before the answer goes out: the next node asked must find it
+            await self.job_keys.accepted(job.account, job.job_id, digest, _encode(answer))
+        else:
+            await self.job_keys.abandon(job.account, job.job_id)
+        return answer
+
+    async def _admit(self, job: JobIn, digest: bytes) -> dict[str, Any]:
+        """Everything after idempotency: status, domain, content, quota, then the spool."""
+        account = self.accounts.get(job.account)
+        if account is None:
+            return error("unknown_account", f"no account {job.account!r}", job_id=job.job_id)
         if account.status == "paused":
             return error("account_paused", f"account {job.account} is paused ({account.pause_reason})",
                          job_id=job.job_id)

@@ -3,8 +3,8 @@
 One interface, `ProviderLimits`, that the ready queues use: `acquire(now)` is an atomic
 check-and-take of one message (0.0 or retry-after seconds); `open_connection()` /
 `close_connection()` count sessions against `max_connections`. The local implementation
-lives here; a Redis-backed one for clusters can implement the same methods with atomic
-scripts, so the ready queues never know which one they have.
+lives here; the cluster's (throttle/shared.py) adds `reserve` (a cell of the shared rate)
+and `lease` (a shared connection slot) behind the same interface.
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ UNTHROTTLED_BASE = 50.0
 class ProviderLimits(Protocol):
     sending_domain: str
     rule: ShapingRule
+    shared: bool  # True: `reserve` and `lease` ask the cluster (throttle/shared.py)
 
     def acquire(self, now: float) -> float: ...
+    async def reserve(self, now: float) -> float: ...
+    async def lease(self) -> str | None: ...
+    async def release(self, lease_id: str) -> None: ...
     def observe(self, reply: Reply, now: float) -> str | None: ...
     def state(self, now: float) -> dict[str, object]: ...
     def open_connection(self) -> bool: ...
@@ -39,6 +43,8 @@ class ProviderLimits(Protocol):
 
 
 class LocalLimits:
+    shared = False
+
     def __init__(self, sending_domain: str, rule: ShapingRule, backoff: BackoffConfig | None = None,
                  warmup: WarmupCounter | None = None):
         self.sending_domain = sending_domain
@@ -99,6 +105,18 @@ class LocalLimits:
             self.gcra.acquire(now)  # peeked free above; the loop thread owns this state
         return 0.0
 
+    def adopt(self, old: LocalLimits) -> None:
+        """A reload replaced the rule: what an implementation must carry over beyond counts."""
+
+    async def reserve(self, now: float) -> float:
+        return 0.0  # everything was decided by acquire(); only shared limits ask further
+
+    async def lease(self) -> str | None:
+        return ""  # a local slot was taken by open_connection()
+
+    async def release(self, lease_id: str) -> None:
+        return None
+
     def observe(self, reply: Reply, now: float) -> str | None:
         """Feed a receiver's reply to adaptive backoff; returns the decision taken, if any."""
         decision = self.backoff.observe(classify(reply), now)
@@ -131,13 +149,17 @@ class LocalLimits:
         self._waiting.setdefault(wake, None)
 
 
+MakeLimits = Callable[[str, ShapingRule, BackoffConfig, "WarmupCounter | None"], LocalLimits]
+
+
 class Throttles:
     """Registry of limits, one per (sending domain, provider)."""
 
     def __init__(self, backoff: BackoffConfig | None = None,
-                 warmups: dict[str, WarmupCounter] | None = None) -> None:
+                 warmups: dict[str, WarmupCounter] | None = None, make: MakeLimits | None = None) -> None:
         self.backoff = backoff or BackoffConfig()
         self.warmups = warmups or {}  # per sending domain, shared by all its providers
+        self.make: MakeLimits = make or LocalLimits  # cluster mode: SharedLimits bound to the link
         self._limits: dict[tuple[str, str], LocalLimits] = {}
 
     def reconfigure(self, backoff: BackoffConfig, warmups: dict[str, WarmupCounter]) -> None:
@@ -152,8 +174,9 @@ class Throttles:
         key = (sending_domain, rule.provider)
         limits = self._limits.get(key)
         if limits is None or limits.rule != rule:
-            fresh = LocalLimits(sending_domain, rule, self.backoff, self.warmups.get(sending_domain))
+            fresh = self.make(sending_domain, rule, self.backoff, self.warmups.get(sending_domain))
             if limits is not None:  # a reload changed the rule: keep the live counts and backoff
+                fresh.adopt(limits)
                 fresh._connections = limits._connections
                 fresh._waiting = limits._waiting
                 fresh.backoff = limits.backoff

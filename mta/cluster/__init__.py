@@ -1,0 +1,1 @@
+"""Cluster mode (SPEC §10): state shared between nodes through Redis."""
