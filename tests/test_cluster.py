@@ -60,13 +60,20 @@ async def test_gcra_script_holds_rate_and_burst_for_two_nodes(redis_server: Redi
 async def test_lease_and_counts_scripts(redis_server: RedisServer) -> None:
     link = await _link(redis_server, "n1")
     try:
-        key = link.key("conns", "test")
+        keys = [link.key("conns", "test"), link.key("wants", "test")]
         now = 5_000_000.0
-        assert await link.script(LEASE, [key], ["x:1", 2, now, 1000]) == 1
-        assert await link.script(LEASE, [key], ["y:1", 2, now, 1000]) == 1
-        assert await link.script(LEASE, [key], ["z:1", 2, now + 10, 1000]) == 0  # both slots held
-        assert await link.script(LEASE, [key], ["x:1", 2, now + 10, 1000]) == 1  # renewal of a held one
-        assert await link.script(LEASE, [key], ["z:1", 2, now + 1001, 1000]) == 1  # y lapsed: its slot is free
+
+        async def lease(lease_id: str, at: float) -> list[int]:
+            return [int(x) for x in await link.script(LEASE, keys, [lease_id, lease_id.split(":")[0], 2, at,
+                                                                    1000, 300])]
+
+        assert await lease("x:1", now) == [1, 2, 0]
+        assert await lease("x:2", now) == [1, 2, 0]  # alone: the whole limit
+        assert await lease("y:1", now + 10) == [0, 1, 0]  # both slots held; y now wants one
+        assert await lease("x:1", now + 20) == [1, 1, 1]  # renewal: x learns its fair share is 1 of 2
+        assert await lease("x:3", now + 30) == [0, 1, 1]  # and may not grow while y waits
+        assert await lease("y:1", now + 1001) == [1, 1, 0]  # x:2 lapsed (never renewed): y takes it
+        assert await lease("z:1", now + 1002) == [0, 1, 0]  # x:1 (renewed at +20) and y:1 hold both
 
         ckey = link.key("campaign", "acct", "camp")
         assert await link.script(COUNTS, [ckey], ["n1", 60, 10, 2]) == [10, 2]
@@ -120,6 +127,9 @@ async def test_a_providers_rate_holds_across_both_nodes(pair: Pair, sink: Sink) 
     worst = max(sum(1 for t in times if x <= t < x + 1.0) for x in times)
     assert worst <= 22  # 20/s plus the burst, plus one for arrival jitter
     assert sink.state.max_open <= 2  # the rule's connections, across both nodes
+    a_times = [m.at for m in sink.messages() if m.rcpt.startswith("a")]
+    b_times = [m.at for m in sink.messages() if m.rcpt.startswith("b")]
+    assert min(b_times) < max(a_times)  # fair shares: node b did not wait for node a to finish
     assert all(n == 1 for n in sink.delivered().values())
 
 

@@ -32,18 +32,41 @@ redis.call('SET', KEYS[1], tostring(tat), 'PX', math.ceil(tat - now + tolerance 
 return '0'
 """
 
-# Connection slots as leases: KEYS[1] is a sorted set of lease ids scored by expiry, so a
-# node that dies gives its slots back when its leases lapse. ARGV: lease id, max, now,
-# lease ms. Returns 1 (taken or renewed) or 0 (all slots held).
-LEASE = _NOW.format(i=3) + """
-local ttl = tonumber(ARGV[4])
+# Connection slots as leases, shared fairly. KEYS[1]: a sorted set of lease ids
+# ("<node>:<n>") scored by expiry, so a node that dies gives its slots back when its
+# leases lapse; KEYS[2]: the nodes refused a slot lately ("wants"). A node may hold more
+# than its fair share (max / nodes holding or wanting) only while no other node wants one.
+# ARGV: lease id, node, max, now, lease ms, want ms. Returns {taken 0/1, fair share,
+# 1 if another node wants a slot}: a node above its share then gives one back.
+LEASE = _NOW.format(i=4) + """
+local node, max, ttl, want = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
-  return 0
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local holders = redis.call('ZRANGE', KEYS[1], 0, -1)
+local seen, n, mine, others = {[node] = true}, 1, 0, 0
+for _, id in ipairs(holders) do
+  local holder = string.match(id, '^(.*):%d+$') or id
+  if holder == node then mine = mine + 1 end
+  if not seen[holder] then seen[holder] = true; n = n + 1 end
+end
+for _, w in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if not seen[w] then seen[w] = true; n = n + 1 end
+  if w ~= node then others = 1 end
+end
+local share = math.ceil(max / n)
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+  return {1, share, others}
+end
+if #holders >= max or (mine >= share and others == 1) then
+  redis.call('ZADD', KEYS[2], now + want, node)
+  redis.call('PEXPIRE', KEYS[2], want * 2)
+  return {0, share, others}
 end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
-return 1
+redis.call('ZREM', KEYS[2], node)
+return {1, share, others}
 """
 
 # Campaign counters: every node writes its own absolute counts (fields "<node>:<i>"), so a

@@ -154,6 +154,8 @@ class ReadyQueue:
                 if not session.usable:
                     await self._close(session)
                     session = None
+                if limits.shared and limits.should_yield():
+                    break  # another node waits for this provider's connections
         except asyncio.CancelledError:
             pass  # drained while waiting for a throttle
         except Exception:

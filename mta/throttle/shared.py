@@ -5,8 +5,10 @@ receiver (adaptive backoff, warm-up) and moves the two shared quantities to Redi
 
 - the rate: every message takes one GCRA cell in Redis (scripts.GCRA), so all nodes
   together never exceed the rule's rate plus its burst;
-- connections: every session holds a lease in a Redis sorted set (scripts.LEASE),
+- connections: every worker holds a lease in a Redis sorted set (scripts.LEASE),
   renewed by the heartbeat, so a node that dies gives its slots back within LEASE_MS.
+  When another node waits for a slot, a node above its fair share gives one back after
+  the message in hand, so both progress.
 
 While Redis is unavailable the node falls back to its share of the cluster: rate and
 connections divided by the number of nodes last seen alive (at least one connection).
@@ -32,6 +34,7 @@ from .limits import UNTHROTTLED_BASE, LocalLimits
 from .warmup import WarmupCounter
 
 LEASE_MS = 15000  # a dead node's connection slots come back after this
+WANT_MS = 3000    # a node refused a slot counts toward the fair share this long
 
 
 class SharedLimits(LocalLimits):
@@ -46,6 +49,8 @@ class SharedLimits(LocalLimits):
         self.server_clock = server_clock
         self.rate_key = link.key("rate", sending_domain, rule.provider)
         self.conn_key = link.key("conns", sending_domain, rule.provider)
+        self.want_key = link.key("wants", sending_domain, rule.provider)
+        self.share = rule.max_connections  # this node's fair share, while another node wants slots
         self._lease_ids = (f"{link.node}:{n}" for n in itertools.count())
         self.leases: set[str] = set()
         self._degraded_gcra: Gcra | None = None
@@ -122,20 +127,31 @@ class SharedLimits(LocalLimits):
         return max(1, full // max(1, self.link.nodes))
 
     async def lease(self) -> str | None:
-        """A cluster-wide connection slot for one session; None when all are held elsewhere."""
+        """A cluster-wide connection slot for one worker; None when the node has its fair
+        share and another node wants one, or all are held."""
         lease_id = next(self._lease_ids)
         if not self.link.up:
             return lease_id  # degraded: the local share (max_connections) already limits us
-        clock = -1 if self.server_clock else time.time() * 1000.0
         try:
-            taken = await self.link.script(LEASE, [self.conn_key],
-                                           [lease_id, self.rule.max_connections, clock, LEASE_MS])
+            taken = await self._lease_script(lease_id)
         except ClusterDown:
             return lease_id
         if not taken:
             return None
         self.leases.add(lease_id)
         return lease_id
+
+    async def _lease_script(self, lease_id: str) -> bool:
+        clock = -1 if self.server_clock else time.time() * 1000.0
+        taken, share, others = await self.link.script(
+            LEASE, [self.conn_key, self.want_key],
+            [lease_id, self.link.node, self.rule.max_connections, clock, LEASE_MS, WANT_MS])
+        self.share = int(share) if others else self.rule.max_connections
+        return bool(taken)
+
+    def should_yield(self) -> bool:
+        """Above our fair share while another node waits: a worker gives its slot back."""
+        return len(self.leases) > self.share
 
     async def release(self, lease_id: str) -> None:
         if lease_id not in self.leases:
@@ -147,7 +163,7 @@ class SharedLimits(LocalLimits):
             pass  # it lapses by itself
 
     async def renew(self) -> None:
-        """Heartbeat: the leases of live sessions stay held (ClusterDown goes to the link)."""
-        clock = -1 if self.server_clock else time.time() * 1000.0
+        """Heartbeat: the leases of live workers stay held, and the fair share is learnt
+        again (ClusterDown goes to the link)."""
         for lease_id in list(self.leases):
-            await self.link.script(LEASE, [self.conn_key], [lease_id, self.rule.max_connections, clock, LEASE_MS])
+            await self._lease_script(lease_id)
