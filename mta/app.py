@@ -128,7 +128,7 @@ class App:
                                             allowed_uids=cfg.allowed_uids)
         self.control_service = ControlService(self)
         self.control_server = JsonLineServer(cfg.control_socket, self.control_service.handle,
-                                             max_line=1 << 20, mode=0o600)
+                                             max_line=1 << 20, mode=0o600, max_clients=32)
         self.http = HttpEndpoint(*cfg.metrics_listen, {"/metrics": self._metrics, "/healthz": self._healthz})
         await self.control_server.start()
         await self.http.start()

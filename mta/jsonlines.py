@@ -24,6 +24,9 @@ import msgspec
 
 log = logging.getLogger("mta.socket")
 MAX_IN_FLIGHT = 64  # per connection: beyond this the reader waits (backpressure)
+# Clients served at once per socket; more are answered `unavailable` and closed. Campaign
+# systems pipeline over a few connections; hundreds at once is a flood or a leak.
+MAX_CLIENTS = 512
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
 
@@ -75,7 +78,8 @@ def prepare_socket_path(path: str) -> None:
 
 class JsonLineServer:
     def __init__(self, path: str, handler: Handler, *, max_line: int, mode: int, group: str = "",
-                 allowed_uids: tuple[int, ...] = ()):
+                 allowed_uids: tuple[int, ...] = (), max_clients: int = MAX_CLIENTS):
+        self.max_clients = max_clients
         self.path = path
         self.handler = handler
         self.max_line = max_line
@@ -118,6 +122,14 @@ class JsonLineServer:
         peer = peer_of(writer)
         if self.allowed_uids and peer.uid not in self.allowed_uids and peer.uid != os.getuid():
             writer.write(_encode(error("forbidden", f"uid {peer.uid} may not use this socket")) + b"\n")
+            await _drain_close(writer)
+            return
+        if len(self._connections) > self.max_clients:
+            # a flood of connections costs each one answer, not a file descriptor held open
+            if task is not None:
+                self._connections.discard(task)
+            writer.write(_encode(error("unavailable", f"too many connections (over {self.max_clients}); "
+                                                      "retry later")) + b"\n")
             await _drain_close(writer)
             return
         answers: asyncio.Queue[asyncio.Future[dict[str, Any]] | None] = asyncio.Queue(MAX_IN_FLIGHT)

@@ -236,16 +236,24 @@ def dnsmasq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 # -- `mta run` as a process ---------------------------------------------------------------
 class DaemonProcess:
-    def __init__(self, config_path: Path):
+    def __init__(self, config_path: Path, nofile: int | None = None):
         self.config_path = config_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.nofile = nofile  # a low RLIMIT_NOFILE, for file-descriptor exhaustion
+
+    def _limits(self) -> None:
+        if self.nofile is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def start(self) -> None:
         self.starts += 1
         log = open(self.config_path.parent / f"daemon-{self.starts}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-m", "mta", "run", "--config", str(self.config_path)],
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=self._limits if self.nofile else None)
         sock = load_config(self.config_path).submit_socket
         end = time.monotonic() + 30
         while time.monotonic() < end:

@@ -79,6 +79,12 @@ class _Handler:
             await asyncio.sleep(self.sink.stall)
         if any(r.lower().startswith("data") for r in rcpts):
             return "554 5.6.0 Message content rejected"
+        reset = [r for r in rcpts if r.lower().startswith("reset")]
+        with self.sink.lock:
+            first = reset and self.sink.state.tries[reset[0].lower()] <= self.sink.defer_times
+        if first:  # the whole message arrived, then the connection is reset before the 250
+            server.transport.abort()
+            return "421 reset"
         with self.sink.lock:
             if getattr(session, "ssl", None):
                 self.sink.state.tls_sessions += 1

@@ -191,6 +191,18 @@ async def test_reject_at_data_and_a_stall_within_the_timeout(daemon_factory: Any
         staller.stop()
 
 
+async def test_a_reset_in_the_middle_of_data_is_not_counted_delivered(daemon_factory: Any, sink: Sink) -> None:
+    d = await daemon_factory(static={"r.test": [sink.addr]})
+    await d.account()
+    await d.submit(job("rs", ["reset1@r.test", "ok1@r.test"]))
+    await wait_for(lambda: len(sink.delivered()) == 2, 20)
+    deferred = await poll_events(d, "deferred", 1)
+    assert deferred[0]["recipient"] == "reset1@r.test"  # the message was sent whole, then the reset
+    delivered = await poll_events(d, "delivered", 2)
+    assert sorted(e["recipient"] for e in delivered) == ["ok1@r.test", "reset1@r.test"]
+    assert sink.delivered()["reset1@r.test"] == 1  # the retry, once
+
+
 def _self_signed(tmp: Any) -> Any:
     import datetime
     import ssl
