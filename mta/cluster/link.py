@@ -184,18 +184,10 @@ class ClusterLink:
     # -- calls ----------------------------------------------------------------------------
     async def script(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a script from scripts.py atomically; ClusterDown when Redis does not answer."""
-        if not self.up:
-            raise ClusterDown("degraded")
         script = self._scripts.get(source)
         if script is None:
             script = self._scripts[source] = self._client.register_script(source)
-        try:
-            return await script(keys=list(keys), args=list(args))
-        except ResponseError:
-            raise
-        except DOWN_ERRORS as exc:
-            self._down(exc)
-            raise ClusterDown(str(exc)) from exc
+        return await self.call(lambda r: script(keys=list(keys), args=list(args), client=r))
 
     async def call(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
         """Run `fn(client)` (plain commands or a pipeline); ClusterDown when Redis does not answer."""

@@ -43,6 +43,16 @@ class Gcra:
         """Change the rate; the time already reserved is kept (no burst from a rate change)."""
         self.rate = rate
 
+    @classmethod
+    def at(cls, rate: float) -> Gcra:
+        """A limiter for `rate` with the default burst."""
+        return cls(rate, default_burst(rate))
+
+    def retune(self, rate: float) -> None:
+        """A new rate with its default burst (time already reserved is kept)."""
+        self.set_rate(rate)
+        self.burst = default_burst(rate)
+
 
 def default_burst(rate: float) -> int:
     """Requests allowed back to back: 50 ms worth of the rate, at least one.

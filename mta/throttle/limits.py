@@ -17,7 +17,7 @@ from ..config import Backoff as BackoffConfig
 from ..config import ShapingRule
 from ..types import Reply
 from .backoff import Backoff, classify
-from .gcra import Gcra, default_burst
+from .gcra import Gcra
 from .warmup import WarmupCounter
 
 # A provider without max_rate that answers "slow down" gets this as the rate to cut from.
@@ -53,7 +53,7 @@ class LocalLimits:
         self.warmup = warmup
         cfg = backoff or BackoffConfig()
         self.backoff = Backoff(min_fraction=cfg.min_rate_fraction, hold=cfg.hold, recovery_step=cfg.recovery_step)
-        self.gcra = Gcra(rule.max_rate, default_burst(rule.max_rate)) if rule.max_rate else None
+        self.gcra = Gcra.at(rule.max_rate) if rule.max_rate else None
         self._connections = 0
         # ready queues waiting for a connection slot, in arrival order (a dict as an ordered set:
         # O(1) membership, which matters with thousands of destination sites)
@@ -80,17 +80,22 @@ class LocalLimits:
             return
         rate = base * self.backoff.fraction
         if self.gcra is None:
-            self.gcra = Gcra(rate, default_burst(rate))
+            self.gcra = Gcra.at(rate)
         else:
-            self.gcra.set_rate(rate)
-            self.gcra.burst = default_burst(rate)
+            self.gcra.retune(rate)
 
-    def acquire(self, now: float) -> float:
+    def _suspended(self, now: float) -> float:
+        """Adaptive backoff's part of every acquire: recover on schedule, else the suspension."""
         if self.backoff.recover(now):
             self._apply_fraction()
         suspended = self.backoff.wait(now)
         if suspended:
             self.waits += 1
+        return suspended
+
+    def acquire(self, now: float) -> float:
+        suspended = self._suspended(now)
+        if suspended:
             return suspended
         if self.gcra is not None:
             delay = self.gcra.peek(now)

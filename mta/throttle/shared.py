@@ -60,6 +60,10 @@ class SharedLimits(LocalLimits):
             self.leases = old.leases
             self._lease_ids = old._lease_ids
 
+    def _ms(self, now: float) -> float:
+        """The `now` the scripts take: -1 for Redis's own clock, else the caller's, in ms."""
+        return -1 if self.server_clock else now * 1000.0
+
     # -- the rate -------------------------------------------------------------------------
     def cluster_rate(self) -> float | None:
         """The rate the whole cluster may send at, after this node's backoff."""
@@ -69,11 +73,8 @@ class SharedLimits(LocalLimits):
 
     def acquire(self, now: float) -> float:
         """The local part: backoff suspension, and while degraded the node's share."""
-        if self.backoff.recover(now):
-            self._apply_fraction()
-        suspended = self.backoff.wait(now)
+        suspended = self._suspended(now)
         if suspended:
-            self.waits += 1
             return suspended
         if not self.link.up:
             delay = self._degraded_take(now)
@@ -89,10 +90,9 @@ class SharedLimits(LocalLimits):
         share = rate / max(1, self.link.nodes)
         g = self._degraded_gcra
         if g is None:
-            g = self._degraded_gcra = Gcra(share, default_burst(share))
+            g = self._degraded_gcra = Gcra.at(share)
         elif g.rate != share:
-            g.set_rate(share)
-            g.burst = default_burst(share)
+            g.retune(share)
         return g.acquire(now)
 
     async def reserve(self, now: float) -> float:
@@ -111,9 +111,8 @@ class SharedLimits(LocalLimits):
             return 0.0
         interval = 1000.0 / rate
         tolerance = (default_burst(rate) - 1) * interval
-        clock = -1 if self.server_clock else now * 1000.0
         try:
-            wait_ms = float(await self.link.script(GCRA, [self.rate_key], [interval, tolerance, clock]))
+            wait_ms = float(await self.link.script(GCRA, [self.rate_key], [interval, tolerance, self._ms(now)]))
         except ClusterDown:
             return self._degraded_take(now)  # this one message goes by the local share
         return wait_ms / 1000.0
@@ -142,10 +141,9 @@ class SharedLimits(LocalLimits):
         return lease_id
 
     async def _lease_script(self, lease_id: str) -> bool:
-        clock = -1 if self.server_clock else time.time() * 1000.0
         taken, share, others = await self.link.script(
             LEASE, [self.conn_key, self.want_key],
-            [lease_id, self.link.node, self.rule.max_connections, clock, LEASE_MS, WANT_MS])
+            [lease_id, self.link.node, self.rule.max_connections, self._ms(time.time()), LEASE_MS, WANT_MS])
         self.share = int(share) if others else self.rule.max_connections
         return bool(taken)
 
