@@ -21,7 +21,8 @@ import msgspec
 from . import metrics
 from .accounting import AccountingLog
 from .cluster.link import ClusterDown, ClusterLink
-from .config import Config, ConfigError, load_config
+from .config import Backoff as BackoffConfig
+from .config import Config, ConfigError, ShapingRule, load_config
 from .control.service import ControlService
 from .delivery.dkim import load_signers
 from .delivery.dns import MxResolver
@@ -50,7 +51,7 @@ from .sharing.jobs import SharedJobKeys
 from .sharing.privacy import SharedErasure
 from .sharing.suppression import SharedSuppression
 from .submit.service import SubmitService
-from .throttle.limits import LocalLimits, Throttles
+from .throttle.limits import LocalLimits, MakeLimits, Throttles
 from .throttle.shaping import RuleBook
 from .throttle.shared import SharedLimits
 from .throttle.warmup import WarmupCounter
@@ -163,12 +164,13 @@ class App:
         self.spool.post(put_kv, "cluster:node", node.encode())
         return node
 
-    def _limits_factory(self) -> Any:
+    def _limits_factory(self) -> MakeLimits:
         link = self.link
         if link is None:
             return LocalLimits
 
-        def make(sending_domain: str, rule: Any, backoff: Any, warmup: Any) -> LocalLimits:
+        def make(sending_domain: str, rule: ShapingRule, backoff: BackoffConfig,
+                 warmup: WarmupCounter | None) -> LocalLimits:
             return SharedLimits(sending_domain, rule, link, backoff, warmup)
 
         return make
@@ -333,8 +335,8 @@ class App:
             "throttles": [t.state(time.time()) for t in self.throttles.all()],
             "accounts": len(self.accounts.accounts), "review": self.review.count(),
             "not_yet_in_effect": list(self.config.not_yet_in_effect),
-            "cluster": None if self.link is None else {"node": self.link.node, "redis": self.link.up,
-                                                        "degraded": not self.link.up, "nodes": self.link.nodes},
+            "cluster": None if self.link is None else {"node": self.link.node, "degraded": not self.link.up,
+                                                        "nodes": self.link.nodes},
         }
 
     def reload(self) -> dict[str, Any]:
