@@ -392,6 +392,7 @@ class App:
         self._save_warmups()
         self.spool.close()
         self.accounting.close()
+        await self.templates.signing.aclose()
         self.audit.close()
         metrics.UP.set(0)
         log.info("stopped")

@@ -68,12 +68,20 @@ class TokenSigner:
     def __init__(self, key: bytes, node: int = 0):
         self._key = key
         self.node = node & 0xFF
+        # keyed once; each MAC copies it. Cheaper than hmac.digest(), which looks the digest
+        # up by name in OpenSSL on every call and contends with the DKIM signing threads.
+        self._hmac = hmac.new(key, digestmod=hashlib.sha256)
+
+    def _keyed(self, data: bytes) -> bytes:
+        h = self._hmac.copy()
+        h.update(data)
+        return h.digest()
 
     def __repr__(self) -> str:  # never show the key
         return f"TokenSigner(node={self.node})"
 
     def _mac(self, payload: bytes) -> bytes:
-        return hmac.new(self._key, payload, hashlib.sha256).digest()[:MAC_BYTES]
+        return self._keyed(payload)[:MAC_BYTES]
 
     def make(self, purpose: int, job: int, recipient: int) -> str:
         payload = bytes((purpose, self.node)) + _varint(job) + _varint(recipient)
@@ -104,5 +112,4 @@ class TokenSigner:
 
     def address_hash(self, address: str) -> str:
         """Keyed hash of an address (lower-cased): what logs and complaint events carry."""
-        digest = hmac.new(self._key, b"addr:" + address.strip().lower().encode(), hashlib.sha256)
-        return digest.hexdigest()[:32]
+        return self._keyed(b"addr:" + address.strip().lower().encode()).hex()[:32]

@@ -88,3 +88,23 @@ def test_rendering_is_deterministic_and_lines_end_in_crlf(values: dict[str, str]
     header = a.data.split(b"\r\n\r\n", 1)[0]
     for line in header.split(b"\r\n"):
         assert line[:1] in (b" ", b"\t") or b":" in line  # every header line is a field or a fold
+
+
+def _part_cte(data: bytes) -> str:
+    return str(parse(data)["Content-Transfer-Encoding"])
+
+
+def test_ascii_text_goes_7bit_with_crlf_and_anything_else_quoted_printable() -> None:
+    job = compiled(from_="a@a.example", subject="s", text="Hi {{name}},\nline two\r\nline three\n")
+    plain = job.render(row({"name": "Ann"})).data
+    assert _part_cte(plain) == "7bit"
+    assert plain.endswith(b"\r\n\r\nHi Ann,\r\nline two\r\nline three\r\n")
+    # each of these makes 7bit wrong: non-ASCII, a lone CR, a line over 998 characters
+    for value in ("Jörg", "a\rb", "x" * 1000):
+        out = job.render(row({"name": value})).data
+        assert _part_cte(out) == "quoted-printable", value
+        assert all(len(line) <= 998 for line in out.split(b"\r\n"))
+        body = parse(out).get_content().replace("\r\n", "\n").replace("\r", "\n")
+        assert body.startswith("Hi " + value.replace("\r", "\n") + ",")
+    long_literal = compiled(from_="a@a.example", subject="s", text="y" * 999 + " {{name}}")
+    assert _part_cte(long_literal.render(row({"name": "A"})).data) == "quoted-printable"

@@ -8,8 +8,13 @@ unreadable key is a config error, never a delivery failure.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
+import itertools
+import re
+import sys
 import time
 from collections.abc import Mapping
 
@@ -20,6 +25,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import Relaxed
 
 from ..config import ConfigError, DkimKey, SendingDomain
+from ..logs import get as get_logger
+from .keyworker import KEY_HEAD, REPLY, SIGN
+
+log = get_logger("mta.delivery")
 
 # SPEC §5, in this order; those present in a message are signed. "from" twice: the second
 # signs the absence of another From, so one cannot be prepended (over-signing).
@@ -40,27 +49,91 @@ class DkimSigner:
     def __repr__(self) -> str:  # never show the key
         return f"DkimSigner({self.domain}, s={self.selector}, a={self.algorithm})"
 
-    def signature_header(self, message: bytes, now: int | None = None) -> bytes:
-        """The `DKIM-Signature: ...` field (folded, CRLF-terminated) for a CRLF message."""
-        headers, body = dkim.rfc822_parse(message)
+    @property
+    def slow(self) -> bool:
+        """An RSA key operation (~0.5 ms for 2048 bits) is worth a trip to a signing thread."""
+        return isinstance(self._private, rsa.RSAPrivateKey)
+
+    def prepare(self, message: bytes, now: int) -> tuple[bytes, bytes]:
+        """(the DKIM-Signature value up to `b=`, the digest to sign) for a CRLF message."""
+        headers, body = _split(message)
         body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
         present = {name.lower() for name, _ in headers}
         names = [h for h in SIGNED_HEADERS if h.encode() in present] + ["from"]
         # Folded where RFC 6376 §3.2 allows whitespace: between tags, around the colons of
         # h=, and anywhere inside base64 values. The signature covers the value as folded.
         value = (f" v=1; a={self.algorithm}; c=relaxed/relaxed; d={self.domain}; s={self.selector};\r\n"
-                 f" t={int(now if now is not None else time.time())};\r\n"
-                 f" h={_fold_names(names)};\r\n bh={body_hash.decode()};\r\n b=").encode()
+                 f" t={now};\r\n h={_fold_names(names)};\r\n bh={body_hash.decode()};\r\n b=").encode()
         hasher = hashlib.sha256()
-        canonical = Relaxed.canonicalize_headers(headers)
-        dkim.hash_headers(hasher, Relaxed, canonical, [n.encode() for n in names],
-                          (b"DKIM-Signature", value), None)
-        digest = hasher.digest()
+        for line in _selected(headers, names):
+            hasher.update(line)
+        hasher.update(_relaxed(b"DKIM-Signature", value))  # hashed without its CRLF (RFC 6376 §3.7)
+        return value, hasher.digest()
+
+    def key_op(self, digest: bytes) -> bytes:
         if isinstance(self._private, rsa.RSAPrivateKey):
-            signature = self._private.sign(digest, padding.PKCS1v15(), _SHA256)
-        else:
-            signature = self._private.sign(digest)  # RFC 8463: Ed25519 over the SHA-256 hash
+            return self._private.sign(digest, padding.PKCS1v15(), _SHA256)
+        return self._private.sign(digest)  # RFC 8463: Ed25519 over the SHA-256 hash
+
+    def private_der(self) -> bytes:
+        """The key for the key worker's pipe (PKCS#8 DER, unencrypted: it never touches disk)."""
+        return self._private.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption())
+
+    @staticmethod
+    def field(value: bytes, signature: bytes) -> bytes:
         return b"DKIM-Signature:" + value + _fold_base64(base64.b64encode(signature)) + b"\r\n"
+
+    def signature_header(self, message: bytes, now: int | None = None) -> bytes:
+        """The `DKIM-Signature: ...` field (folded, CRLF-terminated) for a CRLF message."""
+        value, digest = self.prepare(message, int(now if now is not None else time.time()))
+        return self.field(value, self.key_op(digest))
+
+
+_WSP = re.compile(rb"[\t ]+")
+
+
+def _split(message: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """(header fields as (name, raw value), body). Rendered messages are CRLF throughout and
+    take the fast path (a few C-level splits); anything else goes through dkimpy's parser."""
+    end = message.find(b"\r\n\r\n")
+    head = message[:end] if end >= 0 else b""
+    if end < 0 or head.count(b"\n") != head.count(b"\r\n") or head[:1] in (b" ", b"\t"):
+        parsed: tuple[list[tuple[bytes, bytes]], bytes] = dkim.rfc822_parse(message)
+        return parsed
+    fields: list[tuple[bytes, bytes]] = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):  # a folded continuation of the field before
+            name, value = fields[-1]
+            fields[-1] = (name, value + b"\r\n" + line)
+        else:
+            name, _, value = line.partition(b":")
+            fields.append((name, value))
+    return fields, message[end + 4:]
+
+
+def _relaxed(name: bytes, value: bytes) -> bytes:
+    """Relaxed header canonicalisation (RFC 6376 §3.4.2), without the line end."""
+    if b"\r\n" in value:
+        value = value.replace(b"\r\n", b"")
+    if b"\t" in value or b"  " in value:  # the regex only when there is something to compress
+        value = _WSP.sub(b" ", value)
+    return name.lower().rstrip() + b":" + value.strip()
+
+
+def _selected(headers: list[tuple[bytes, bytes]], names: list[str]) -> list[bytes]:
+    """The canonical lines of the fields h= names, each name taking the last unused instance
+    from the bottom up (RFC 6376 §5.4.2); a name with none left (over-signing) adds nothing."""
+    instances: dict[bytes, list[int]] = {}
+    for i, (field, _) in enumerate(headers):
+        instances.setdefault(field.lower().rstrip(), []).append(i)
+    out = []
+    for name in names:
+        left = instances.get(name.encode())
+        if left:
+            i = left.pop()
+            out.append(_relaxed(*headers[i]) + b"\r\n")
+    return out
 
 
 def relaxed_body(body: bytes) -> bytes:
@@ -101,6 +174,118 @@ def sign(signers: list[DkimSigner], message: bytes) -> bytes:
         return message
     now = int(time.time())
     return b"".join(s.signature_header(message, now) for s in signers) + message
+
+
+class SigningPool:
+    """RSA signatures by the key worker, a child process on the other core (keyworker.py
+    says why not threads). Canonicalising and hashing stay here: they are cheap. If the
+    worker is gone, messages are signed in the daemon (slower, never unsigned) and a new
+    worker is started after RESTART_AFTER seconds."""
+
+    RESTART_AFTER = 5.0
+    TIMEOUT = 10.0
+
+    def __init__(self) -> None:
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._starting: asyncio.Lock | None = None
+        self._kids: dict[DkimSigner, int] = {}
+        self._waiting: dict[int, asyncio.Future[bytes]] = {}
+        self._rid = itertools.count(1)
+        self._retry_at = 0.0
+
+    async def sign(self, signers: list[DkimSigner], message: bytes) -> bytes:
+        if not signers:
+            return message
+        now = int(time.time())
+        fields = []
+        for signer in signers:
+            value, digest = signer.prepare(message, now)
+            signature = await self._remote(signer, digest) if signer.slow else b""
+            fields.append(signer.field(value, signature or signer.key_op(digest)))
+        return b"".join(fields) + message
+
+    async def _remote(self, signer: DkimSigner, digest: bytes) -> bytes:
+        """The signature from the worker, or b"" when it cannot give one now."""
+        proc = self._proc or await self._start()
+        if proc is None or proc.stdin is None:
+            return b""
+        kid = self._kids.get(signer)
+        if kid is None:
+            kid = self._kids[signer] = len(self._kids) + 1
+            der = signer.private_der()
+            proc.stdin.write(b"K" + KEY_HEAD.pack(kid, len(der)) + der)
+        rid = next(self._rid) & 0xFFFFFFFF
+        fut = self._waiting[rid] = asyncio.get_running_loop().create_future()
+        proc.stdin.write(b"S" + SIGN.pack(rid, kid, digest))
+        try:
+            return await asyncio.wait_for(fut, self.TIMEOUT)
+        except TimeoutError:
+            self._lost("no signature within 10 s")
+            return b""
+        finally:
+            self._waiting.pop(rid, None)
+
+    async def _start(self) -> asyncio.subprocess.Process | None:
+        if time.monotonic() < self._retry_at:
+            return None
+        self._starting = self._starting or asyncio.Lock()
+        async with self._starting:
+            if self._proc is None and time.monotonic() >= self._retry_at:
+                try:
+                    self._proc = await asyncio.create_subprocess_exec(
+                        sys.executable, "-m", "mta.delivery.keyworker",
+                        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+                except OSError as exc:
+                    self._lost(f"cannot start: {exc}")
+                    return None
+                self._kids.clear()
+                self._reader = asyncio.get_running_loop().create_task(self._read(self._proc))
+        return self._proc
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        buf = b""
+        while chunk := await proc.stdout.read(1 << 16):
+            buf += chunk
+            pos = 0
+            while len(buf) - pos >= REPLY.size:
+                rid, size = REPLY.unpack_from(buf, pos)
+                if len(buf) - pos - REPLY.size < size:
+                    break
+                fut = self._waiting.get(rid)
+                if fut is not None and not fut.done():
+                    fut.set_result(buf[pos + REPLY.size:pos + REPLY.size + size])
+                pos += REPLY.size + size
+            buf = buf[pos:]
+        if self._proc is proc:
+            self._lost(f"exited with {await proc.wait()}")
+
+    def _lost(self, why: str) -> None:
+        log.warning("dkim_worker_lost", error=why, restart_in=self.RESTART_AFTER)
+        self._retry_at = time.monotonic() + self.RESTART_AFTER
+        self.close()
+
+    async def aclose(self) -> None:
+        """At shutdown: the worker is stopped and waited for, so nothing outlives the loop."""
+        proc = self._proc
+        self.close()
+        if proc is not None:
+            with contextlib.suppress(TimeoutError, ProcessLookupError):
+                await asyncio.wait_for(proc.wait(), 5)
+
+    def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            self._reader.cancel()
+        self._reader = None
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_result(b"")  # signed in the daemon instead
+        self._waiting.clear()
 
 
 def _load_private(path: str, algorithm: str) -> rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey:

@@ -58,6 +58,36 @@ def qp_body(text: str) -> str:
     return encoded.decode("ascii").replace("\n", CRLF)
 
 
+MAX_LINE = 998  # RFC 5322 §2.1.1, without the CRLF
+
+
+class BodyText:
+    """A text part's template that knows, per recipient and without scanning the rendered
+    body, whether it may go as 7bit: ASCII, LF line ends (normalised here once) and no line
+    over 998 characters. That is most campaign text, and it saves quoted-printable encoding
+    (~15x the cost of the line-end conversion on a 5 KB body). Anything else is encoded."""
+
+    __slots__ = ("ascii", "longest", "text")
+
+    def __init__(self, text: Text):
+        text.parts[0::2] = [p.replace("\r\n", "\n").replace("\r", "\n") for p in text.parts[0::2]]
+        self.text = text
+        literal = "".join(text.parts[0::2])
+        self.ascii = literal.isascii()
+        # a rendered line is at most the literal text on it plus every value filled in
+        self.longest = max(len(line) for line in literal.split("\n"))
+
+    def render(self, values: dict[str, str]) -> tuple[str, str]:
+        """(Content-Transfer-Encoding, body with CRLF line ends)."""
+        rendered = self.text.render(values)
+        if self.ascii:
+            used = [values[name] for name in self.text.parts[1::2]]
+            if (self.longest + sum(map(len, used)) <= MAX_LINE
+                    and all(v.isascii() and "\r" not in v for v in used)):
+                return "7bit", rendered.replace("\n", CRLF)
+        return "quoted-printable", qp_body(rendered)
+
+
 _date_cache: tuple[int, str] = (0, "")
 
 
@@ -111,13 +141,15 @@ class CompiledJob:
         else:
             self.from_ = Text(content.from_ or "")
             self.subject = Text(content.subject or "")
-            self.text = Text(content.text) if content.text is not None else None
-            self.html = Text(content.html) if content.html is not None else None
+            text = Text(content.text) if content.text is not None else None
+            html = Text(content.html) if content.html is not None else None
             if footer is not None:
-                if self.text is not None:
-                    self.text = self.text.with_literal(f"\n\n{footer[0]}\n")
-                if self.html is not None:
-                    self.html = self.html.with_literal(footer[1], before="</body>")
+                if text is not None:
+                    text = text.with_literal(f"\n\n{footer[0]}\n")
+                if html is not None:
+                    html = html.with_literal(footer[1], before="</body>")
+            self.parts = [(ctype, BodyText(t)) for ctype, t in (("text/plain", text), ("text/html", html))
+                          if t is not None]
             self.boundary = f"=_mta_{self.nonce}"
 
     def _raw_footer(self, head: str, footer: tuple[str, str]) -> None:
@@ -161,7 +193,9 @@ class CompiledJob:
         token = self.signer.make(BOUNCE, self.job.rowid, row.rowid)
         return f"b-{token}@{self.sending.bounce_domain}"
 
-    def render(self, row: RecipientRow) -> Rendered:
+    def render(self, row: RecipientRow, signed: bool = True) -> Rendered:
+        """The message for one recipient; `signed=False` leaves DKIM to the caller (the
+        delivery path signs through a SigningPool)."""
         values = row.vars
         smtputf8 = not row.email.isascii()
         if self.raw:
@@ -175,7 +209,7 @@ class CompiledJob:
             wire = data.encode("utf-8")
             if self.raw_multipart and self.footer is not None:
                 wire = footer_via_email(wire, self.footer)
-            return Rendered(self.return_path(row), sign(self.dkim, wire), smtputf8)
+            return Rendered(self.return_path(row), sign(self.dkim, wire) if signed else wire, smtputf8)
         lines = [
             f"From: {encode_address_header(self.from_.render(values))}",
             f"To: <{row.email}>",
@@ -183,27 +217,24 @@ class CompiledJob:
             *self._common_headers(row, values, date=True, msgid=True),
             "MIME-Version: 1.0",
         ]
-        parts = []
-        if self.text is not None:
-            parts.append(("text/plain", qp_body(self.text.render(values))))
-        if self.html is not None:
-            parts.append(("text/html", qp_body(self.html.render(values))))
+        parts = [(ctype, *text.render(values)) for ctype, text in self.parts]
         if len(parts) == 1:
-            ctype, body = parts[0]
-            lines += [f"Content-Type: {ctype}; charset=utf-8", "Content-Transfer-Encoding: quoted-printable"]
+            ctype, cte, body = parts[0]
+            lines += [f"Content-Type: {ctype}; charset=utf-8", f"Content-Transfer-Encoding: {cte}"]
             data = CRLF.join(lines) + CRLF + CRLF + body
         else:
             b = self.boundary
             lines.append(f'Content-Type: multipart/alternative; boundary="{b}"')
             chunks = [CRLF.join(lines), "", "This is a multi-part message in MIME format.", ""]
-            for ctype, body in parts:
+            for ctype, cte, body in parts:
                 chunks += [f"--{b}", f"Content-Type: {ctype}; charset=utf-8",
-                           "Content-Transfer-Encoding: quoted-printable", "", body]
+                           f"Content-Transfer-Encoding: {cte}", "", body]
             chunks += [f"--{b}--", ""]
             data = CRLF.join(chunks)
         if not data.endswith(CRLF):
             data += CRLF
-        return Rendered(self.return_path(row), sign(self.dkim, data.encode("utf-8")), smtputf8)
+        wire = data.encode("utf-8")
+        return Rendered(self.return_path(row), sign(self.dkim, wire) if signed else wire, smtputf8)
 
 
 def footer_via_email(data: bytes, footer: tuple[str, str]) -> bytes:

@@ -33,7 +33,8 @@ LEASE_RETRY = 0.5  # cluster mode: how soon to ask again for a connection slot h
 
 
 class Session(Protocol):
-    usable: bool
+    @property
+    def usable(self) -> bool: ...
 
     async def deliver(self, row: RecipientRow) -> Reply: ...
     async def close(self) -> None: ...
