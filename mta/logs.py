@@ -9,7 +9,12 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
+from collections.abc import MutableMapping
+from datetime import UTC, datetime
+from typing import Any
 
+import msgspec
 import structlog
 
 _configured = False
@@ -23,12 +28,18 @@ def setup(level: int = logging.INFO) -> None:
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _timestamp,
     ]
+    # msgspec renders a line ~5x faster than the stdlib's json: there is a line per delivery
+    encoder = msgspec.json.Encoder(enc_hook=str)
+    binary = getattr(sys.stdout, "buffer", None)
+    render = encoder.encode if binary is not None else lambda event: encoder.encode(event).decode()
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
+        processors=[*shared, structlog.processors.format_exc_info,
+                    structlog.processors.JSONRenderer(serializer=lambda event, **_: render(event))],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.WriteLoggerFactory(sys.stdout),
+        logger_factory=(structlog.BytesLoggerFactory(binary) if binary is not None
+                        else structlog.WriteLoggerFactory(sys.stdout)),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stdout)
@@ -42,6 +53,21 @@ def setup(level: int = logging.INFO) -> None:
     root.setLevel(level)
     for noisy in ("mail.log", "aiosmtplib", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+_second: tuple[int, str] = (0, "")
+
+
+def _timestamp(logger: object, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """ISO 8601 UTC with microseconds, as structlog's TimeStamper writes it, with the
+    date-and-second part formatted once per second (a line per delivery at full speed)."""
+    global _second
+    now = time.time()
+    whole = int(now)
+    if _second[0] != whole:
+        _second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    event["timestamp"] = f"{_second[1]}.{int((now - whole) * 1e6):06d}Z"
+    return event
 
 
 def redact(text: str, address: str) -> str:

@@ -4,8 +4,10 @@ It decides what happens next (done, retry at T, expire), and feeds the spool sta
 event feed, metrics, the log and the listeners (policy counters) from the same place,
 so nothing is counted twice or missed (DESIGN.md, principle 5).
 
-Spool writes are coalesced: everything recorded during one pass of the event loop goes
-to the writer as one operation, which commits with whatever else is pending.
+Spool writes are coalesced: everything recorded within FLUSH_DELAY goes to the writer as
+one operation, which commits with whatever else is pending. Nothing waits for these
+writes (no one is told "delivered" before they commit); batching them saves a hand-over
+to the writer thread, a GIL switch and a log-file write per message at full speed.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .queue.spool import Spool, append_events, set_deferred, set_final
 from .types import Classification, Disposition, Outcome, State, Verdict, WriteOp
 
 log = get_logger("mta.delivery")
+FLUSH_DELAY = 0.005  # seconds
 Listener = Callable[[Disposition, Outcome, Classification | None], None]
 
 
@@ -132,7 +135,7 @@ class Results:
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
 
     def flush(self) -> None:
         self._flush_scheduled = False

@@ -191,6 +191,8 @@ class SigningPool:
         self._starting: asyncio.Lock | None = None
         self._kids: dict[DkimSigner, int] = {}
         self._waiting: dict[int, asyncio.Future[bytes]] = {}
+        self._sent: dict[int, float] = {}  # request -> loop time it went out, oldest first
+        self._watchdog: asyncio.TimerHandle | None = None
         self._rid = itertools.count(1)
         self._retry_at = 0.0
 
@@ -216,15 +218,30 @@ class SigningPool:
             der = signer.private_der()
             proc.stdin.write(b"K" + KEY_HEAD.pack(kid, len(der)) + der)
         rid = next(self._rid) & 0xFFFFFFFF
-        fut = self._waiting[rid] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = self._waiting[rid] = loop.create_future()
+        self._sent[rid] = loop.time()
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self.TIMEOUT / 4, self._watch)
         proc.stdin.write(b"S" + SIGN.pack(rid, kid, digest))
         try:
-            return await asyncio.wait_for(fut, self.TIMEOUT)
-        except TimeoutError:
-            self._lost("no signature within 10 s")
-            return b""
+            signature: bytes = await fut
+            return signature
         finally:
             self._waiting.pop(rid, None)
+            self._sent.pop(rid, None)
+
+    def _watch(self) -> None:
+        """One timer for all requests (cheaper than a timeout each): a worker that has sat on
+        the oldest request for TIMEOUT is taken for hung, and its requests are signed here."""
+        self._watchdog = None
+        if not self._sent:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() - next(iter(self._sent.values())) > self.TIMEOUT:
+            self._lost(f"no signature within {self.TIMEOUT:g} s")
+        else:
+            self._watchdog = loop.call_later(self.TIMEOUT / 4, self._watch)
 
     async def _start(self) -> asyncio.subprocess.Process | None:
         if time.monotonic() < self._retry_at:
@@ -286,6 +303,10 @@ class SigningPool:
             if not fut.done():
                 fut.set_result(b"")  # signed in the daemon instead
         self._waiting.clear()
+        self._sent.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
 
 def _load_private(path: str, algorithm: str) -> rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey:
