@@ -38,7 +38,17 @@ class Peer:
     gid: int
 
 
-Handler = Callable[[dict[str, Any], Peer], Awaitable[dict[str, Any]]]
+# A handler gets the request as a dict, or as the Struct of a typed op (see JsonLineServer).
+Handler = Callable[[Any, Peer], Awaitable[dict[str, Any]]]
+
+
+class _Op(msgspec.Struct):
+    """Just the op of a request: decoding into it skips every other field without building it."""
+
+    op: Any = None
+
+
+_decode_op = msgspec.json.Decoder(_Op).decode
 
 
 def error(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -78,8 +88,12 @@ def prepare_socket_path(path: str) -> None:
 
 class JsonLineServer:
     def __init__(self, path: str, handler: Handler, *, max_line: int, mode: int, group: str = "",
-                 allowed_uids: tuple[int, ...] = (), max_clients: int = MAX_CLIENTS):
+                 allowed_uids: tuple[int, ...] = (), max_clients: int = MAX_CLIENTS,
+                 typed: dict[str, msgspec.json.Decoder[Any]] | None = None):
         self.max_clients = max_clients
+        # ops whose lines are decoded straight into their Struct: a 10,000-recipient job is
+        # then 10,000 small structs, not 20,000 dicts converted into structs afterwards
+        self.typed = typed or {}
         self.path = path
         self.handler = handler
         self.max_line = max_line
@@ -178,14 +192,23 @@ class JsonLineServer:
 
     async def _answer(self, line: bytes, peer: Peer) -> dict[str, Any]:
         try:
-            request = _decode(line)
+            op = _decode_op(line).op
+        except msgspec.ValidationError:
+            return error("malformed_request", "a request must be a JSON object")
         except (msgspec.DecodeError, RecursionError, ValueError) as exc:
             return error("malformed_request", f"not valid JSON: {str(exc)[:200]}")
-        if not isinstance(request, dict):
-            return error("malformed_request", "a request must be a JSON object")
-        op = request.get("op")
         if not isinstance(op, str):
             return error("malformed_request", "a request needs a string \"op\"")
+        request: Any = None
+        decoder = self.typed.get(op)
+        if decoder is not None:
+            with contextlib.suppress(msgspec.ValidationError):  # the handler explains what is wrong
+                request = decoder.decode(line)
+        if request is None:
+            try:
+                request = _decode(line)
+            except (msgspec.DecodeError, RecursionError, ValueError) as exc:
+                return error("malformed_request", f"not valid JSON: {str(exc)[:200]}")
         if not self.accepting:
             return error("unavailable", "the daemon is shutting down; retry later")
         try:

@@ -121,18 +121,30 @@ def _relaxed(name: bytes, value: bytes) -> bytes:
     return name.lower().rstrip() + b":" + value.strip()
 
 
+# Canonical lines of fields seen before: a campaign's From, MIME and Feedback-ID fields (and
+# the Date within a second) repeat in every message. Bounded: cleared when full.
+_CANONICAL: dict[tuple[bytes, bytes], bytes] = {}
+_CANONICAL_MAX = 4096
+
+
 def _selected(headers: list[tuple[bytes, bytes]], names: list[str]) -> list[bytes]:
     """The canonical lines of the fields h= names, each name taking the last unused instance
     from the bottom up (RFC 6376 §5.4.2); a name with none left (over-signing) adds nothing."""
-    instances: dict[bytes, list[int]] = {}
-    for i, (field, _) in enumerate(headers):
-        instances.setdefault(field.lower().rstrip(), []).append(i)
+    instances: dict[bytes, list[tuple[bytes, bytes]]] = {}
+    for field in headers:
+        instances.setdefault(field[0].lower().rstrip(), []).append(field)
     out = []
+    cache = _CANONICAL
     for name in names:
         left = instances.get(name.encode())
         if left:
-            i = left.pop()
-            out.append(_relaxed(*headers[i]) + b"\r\n")
+            field = left.pop()
+            line = cache.get(field)
+            if line is None:
+                if len(cache) >= _CANONICAL_MAX:
+                    cache.clear()
+                line = cache[field] = _relaxed(*field) + b"\r\n"
+            out.append(line)
     return out
 
 
@@ -191,6 +203,7 @@ class SigningPool:
         self._starting: asyncio.Lock | None = None
         self._kids: dict[DkimSigner, int] = {}
         self._waiting: dict[int, asyncio.Future[bytes]] = {}
+        self._outbox: list[bytes] = []
         self._sent: dict[int, float] = {}  # request -> loop time it went out, oldest first
         self._watchdog: asyncio.TimerHandle | None = None
         self._rid = itertools.count(1)
@@ -216,20 +229,32 @@ class SigningPool:
         if kid is None:
             kid = self._kids[signer] = len(self._kids) + 1
             der = signer.private_der()
-            proc.stdin.write(b"K" + KEY_HEAD.pack(kid, len(der)) + der)
+            self._send(proc, b"K" + KEY_HEAD.pack(kid, len(der)) + der)
         rid = next(self._rid) & 0xFFFFFFFF
         loop = asyncio.get_running_loop()
         fut = self._waiting[rid] = loop.create_future()
         self._sent[rid] = loop.time()
         if self._watchdog is None:
             self._watchdog = loop.call_later(self.TIMEOUT / 4, self._watch)
-        proc.stdin.write(b"S" + SIGN.pack(rid, kid, digest))
+        self._send(proc, b"S" + SIGN.pack(rid, kid, digest))
         try:
             signature: bytes = await fut
             return signature
         finally:
             self._waiting.pop(rid, None)
             self._sent.pop(rid, None)
+
+    def _send(self, proc: asyncio.subprocess.Process, record: bytes) -> None:
+        """Records of one pass of the event loop go out in one write (one syscall, and one
+        wake-up of the worker, for all the connections that signed meanwhile)."""
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush, proc)
+        self._outbox.append(record)
+
+    def _flush(self, proc: asyncio.subprocess.Process) -> None:
+        records, self._outbox = self._outbox, []
+        if proc is self._proc and proc.stdin is not None:
+            proc.stdin.write(b"".join(records))
 
     def _watch(self) -> None:
         """One timer for all requests (cheaper than a timeout each): a worker that has sat on
@@ -304,6 +329,7 @@ class SigningPool:
                 fut.set_result(b"")  # signed in the daemon instead
         self._waiting.clear()
         self._sent.clear()
+        self._outbox.clear()
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None

@@ -48,7 +48,6 @@ def serve(read_fd: int, write_fd: int) -> None:
         if not chunk:
             return  # the daemon closed the pipe: its end is ours
         buf += chunk
-        out = []
         pos = 0
         while pos < len(buf):
             kind = buf[pos:pos + 1]
@@ -58,7 +57,9 @@ def serve(read_fd: int, write_fd: int) -> None:
                 rid, kid, digest = SIGN.unpack_from(buf, pos + 1)
                 pos += 1 + SIGN.size
                 signature = _sign(keys, kid, digest)
-                out.append(REPLY.pack(rid, len(signature)) + signature)
+                # each signature goes back at once: holding a batch's answers until its last
+                # signature is made would leave the daemon's connections waiting meanwhile
+                _write_all(write_fd, REPLY.pack(rid, len(signature)) + signature)
             elif kind == b"K":
                 if len(buf) - pos < 1 + KEY_HEAD.size:
                     break
@@ -73,9 +74,11 @@ def serve(read_fd: int, write_fd: int) -> None:
             else:
                 raise SystemExit(f"keyworker: unknown record {kind!r}")
         buf = buf[pos:]
-        data = b"".join(out)
-        while data:
-            data = data[os.write(write_fd, data):]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
 
 
 if __name__ == "__main__":

@@ -62,20 +62,25 @@ class SubmitService:
         self._notices = itertools.count(1)  # two notices in one millisecond still get their own job_id
         self.job_keys: JobKeys | None = None
 
-    async def handle(self, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
+    async def handle(self, request: dict[str, Any] | JobIn, peer: Peer) -> dict[str, Any]:
+        if isinstance(request, JobIn):  # decoded straight into its struct by the socket server
+            return self._counted(await self.submit_job(request))
         op = request["op"]
         if op == "ping":
             return {"ok": True}
         if op == "submit":
-            answer = await self.submit(request)
-            if answer.get("ok") is False:
-                metrics.SUBMIT_ERRORS.labels(answer["error"]["code"]).inc()
-            return answer
+            return self._counted(await self.submit(request))
         if op == "events":
             return self.events(request)
         if op == "event":
             return await self.report(request)
         return error("unknown_op", f"unknown op {op!r} (ping, submit, events, event)")
+
+    @staticmethod
+    def _counted(answer: dict[str, Any]) -> dict[str, Any]:
+        if answer.get("ok") is False:
+            metrics.SUBMIT_ERRORS.labels(answer["error"]["code"]).inc()
+        return answer
 
     def events(self, request: dict[str, Any]) -> dict[str, Any]:
         after, limit = request.get("after", 0), request.get("limit", 1000)
@@ -114,6 +119,9 @@ class SubmitService:
             job = msgspec.convert(request, JobIn)
         except msgspec.ValidationError as exc:
             return error("malformed_request", f"not a valid job: {exc}", job_id=job_id)
+        return await self.submit_job(job)
+
+    async def submit_job(self, job: JobIn) -> dict[str, Any]:
         account = self.accounts.get(job.account)
         if account is None:
             return error("unknown_account", f"no account {job.account!r} (create it with `mta accounts set`)",
