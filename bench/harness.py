@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -97,22 +98,74 @@ class SmtpSink:
         self._out.close()
 
 
+class TimingSink:
+    """A minimal SMTP sink (asyncio, in a thread) that notes when each recipient's message
+    completed: for latency figures, where smtp-sink only counts."""
+
+    def __init__(self, host: str, port: int):
+        import asyncio
+
+        self.host, self.port = host, port
+        self.arrived: dict[str, float] = {}
+        self._loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        async def serve() -> None:
+            await asyncio.start_server(self._session, host, port)
+            started.set()
+
+        self._thread = threading.Thread(target=lambda: (self._loop.run_until_complete(serve()),
+                                                        self._loop.run_forever()), daemon=True)
+        self._thread.start()
+        started.wait(5)
+
+    async def _session(self, reader: Any, writer: Any) -> None:
+        writer.write(b"220 timing sink\r\n")
+        rcpt = ""
+        try:
+            while line := await reader.readline():
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    writer.write(b"250-sink\r\n250 PIPELINING\r\n")
+                elif verb == b"RCPT":
+                    rcpt = line.split(b"<", 1)[1].split(b">", 1)[0].decode()
+                    writer.write(b"250 ok\r\n")
+                elif verb == b"DATA":
+                    writer.write(b"354 go\r\n")
+                    await reader.readuntil(b"\r\n.\r\n")
+                    self.arrived[rcpt] = time.time()
+                    writer.write(b"250 ok\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    break
+                else:
+                    writer.write(b"250 ok\r\n")
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        writer.close()
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
 class Daemon:
     """`mta run` on a generated config; `routes` maps destination domains to host:port."""
 
     def __init__(self, routes: dict[str, str], *, connections: int = 20, dkim: bool = False,
-                 extra: str = "", python: str = sys.executable):
+                 rate: str = "6000000/min", extra: str = "", python: str = sys.executable):
         self.dir = Path(tempfile.mkdtemp(prefix="mta-bench-"))
         (self.dir / "token.key").write_text(secrets.token_hex(32))
         self.dkim_key = self.dir / "dkim.pem" if dkim else None
         if self.dkim_key is not None:
             self.dkim_public = make_rsa_key(self.dkim_key)
         self.config = self.dir / "mta.toml"
-        self.config.write_text(self._config(routes, connections, extra))
+        self.config.write_text(self._config(routes, connections, rate, extra))
         self.python = python
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def _config(self, routes: dict[str, str], connections: int, extra: str) -> str:
+    def _config(self, routes: dict[str, str], connections: int, rate: str, extra: str) -> str:
         static = "\n".join(f'"{dom}" = ["{hostport}"]' for dom, hostport in routes.items())
         hosts = sorted({hp.rsplit(":", 1)[0] for hp in routes.values()} | {f".{d}" for d in routes})
         dkim = f'dkim = {{ selector = "s1", key_file = "{self.dkim_key}" }}' if self.dkim_key else ""
@@ -139,7 +192,7 @@ source_ips = ["127.0.0.1"]
 match_mx = {json.dumps(hosts)}
 max_connections = {connections}
 max_messages_per_connection = 100000
-max_rate = "6000000/min"
+max_rate = "{rate}"
 {extra}
 """
 
