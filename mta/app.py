@@ -365,6 +365,7 @@ class App:
             if sd in known:
                 counter.day, counter.sent = known[sd].day, known[sd].sent
         self.throttles.reconfigure(new.backoff, fresh)
+        self.ready.retune()
         self.resolver.static = new.dns_static
         log.info("config_reloaded", path=new.path, restart_needed_for=kept or None)
         return {"reloaded": True, "restart_needed_for": kept}

@@ -199,3 +199,18 @@ async def test_warmup_holds_mail_over_the_daily_allowance(daemon_factory: Any, s
     await asyncio.sleep(1.0)
     assert len(sink.delivered()) == 5  # the other 3 wait for tomorrow
     assert d.app.scheduler.depth()["ready"] + sum(1 for _ in d.app.scheduler.queues) >= 1
+
+
+async def test_a_reload_lifts_a_throttle_at_once(daemon_factory: Any, sink: Sink) -> None:
+    """Workers asleep on the old limit wake up with the new one: an operator who raises a
+    rate does not wait for the old wait (here an hour) to run out."""
+    rule = {"provider": "held", "match_domain": ["held.test"], "max_rate": "1/h"}
+    d = await daemon_factory(static={"held.test": [sink.addr]}, shaping=[rule])
+    await d.account()
+    await d.submit(job("h", [f"ok{i}@held.test" for i in range(5)]))
+    await wait_for(lambda: len(sink.delivered()) == 1, 10)  # the burst of one, then an hour's wait
+    await asyncio.sleep(0.5)
+    assert len(sink.delivered()) == 1
+    d.config_path.write_text(d.config_path.read_text().replace('max_rate = "1/h"', 'max_rate = "100/s"'))
+    assert d.app.reload()["reloaded"] is True
+    await wait_for(lambda: len(sink.delivered()) == 5, 10)

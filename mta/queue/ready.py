@@ -248,6 +248,15 @@ class ReadyQueues:
             rq.limits = limits
         return rq
 
+    def retune(self) -> None:
+        """After a reload: each ready queue takes its limits from the new rules at once, and
+        its workers asleep on the old throttle wake up (they hold no transaction), so that a
+        lifted or tightened limit takes effect now, not when the old wait runs out."""
+        for rq in self.queues.values():
+            rule = self.rules.match(rq.route.domain, rq.route.site)
+            rq.limits = self.throttles.get(rq.sending_domain, rule)
+            rq.stop_waiting()
+
     def stats(self) -> list[dict[str, object]]:
         return [{"sending_domain": k[0], "provider": k[1], "site": list(k[2]), "queued": rq.pending(),
                  "connections": rq.sessions} for k, rq in self.queues.items() if rq.sqs or rq.sessions]
