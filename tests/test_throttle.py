@@ -204,7 +204,7 @@ async def test_warmup_holds_mail_over_the_daily_allowance(daemon_factory: Any, s
 async def test_a_reload_lifts_a_throttle_at_once(daemon_factory: Any, sink: Sink) -> None:
     """Workers asleep on the old limit wake up with the new one: an operator who raises a
     rate does not wait for the old wait (here an hour) to run out."""
-    rule = {"provider": "held", "match_domain": ["held.test"], "max_rate": "1/h"}
+    rule = {"provider": "held", "match_domain": ["held.test"], "max_rate": "1/h", "max_connections": 2}
     d = await daemon_factory(static={"held.test": [sink.addr]}, shaping=[rule])
     await d.account()
     await d.submit(job("h", [f"ok{i}@held.test" for i in range(5)]))

@@ -167,7 +167,9 @@ class ReadyQueue:
             if lease:
                 await limits.release(lease)
             self.workers -= 1
-            limits.close_connection()
+            # the slot goes back to the current limits: a reload that replaced them carried
+            # the open-connection count over (Throttles.get)
+            self.limits.close_connection()
             if self.sqs and self.workers == 0 and not self.scheduler.draining:
                 if lease is None:  # leases carry no wake-up: poll for a slot
                     asyncio.get_running_loop().call_later(LEASE_RETRY, self.kick)
