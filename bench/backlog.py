@@ -20,46 +20,14 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from .harness import Daemon, SmtpSink, job_line, recipients, submit_connection
+from .harness import Daemon, SmtpSink, job_line, recipients, submit_all
 
 SINK = ("127.0.0.2", 2527)
 DOMAINS = [f"d{i}.backlog.test" for i in range(10)]
 PER_JOB = 10_000
-
-
-def submit_jobs(daemon: Daemon, n_jobs: int, tag: str) -> float:
-    """All jobs pipelined on one connection; seconds until the last is acknowledged."""
-    with submit_connection(daemon.submit_socket, 600) as (sock, answers):
-        bad: list[bytes] = []
-
-        def read() -> None:
-            for _ in range(n_jobs):
-                line = answers.readline()
-                if b'"accepted":10000' not in line:
-                    bad.append(line)
-
-        reader = threading.Thread(target=read)
-        reader.start()
-        t0 = time.monotonic()
-        for j in range(n_jobs):  # one job line at a time: the client holds one in memory
-            sock.sendall(job_line(f"{tag}-{j}-{os.getpid()}", recipients(PER_JOB, DOMAINS, prefix=f"{tag}{j}-")))
-        reader.join(600)
-    if bad:
-        raise SystemExit(f"a job was not accepted whole: {bad[0][:300]!r}")
-    return time.monotonic() - t0
-
-
-def vm(daemon: Daemon, field: str) -> float:
-    assert daemon.proc is not None
-    with open(f"/proc/{daemon.proc.pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def run(sink: SmtpSink, routes: dict[str, str], queued: int, measure: int) -> dict[str, float]:
@@ -69,9 +37,12 @@ def run(sink: SmtpSink, routes: dict[str, str], queued: int, measure: int) -> di
     start = sink.count()  # the throttle still lets a first message through: it counts as measured
     try:
         daemon.start()
-        took = submit_jobs(daemon, queued // PER_JOB, f"q{queued}")
+        n_jobs, tag = queued // PER_JOB, f"q{queued}"
+        lines = (job_line(f"{tag}-{j}-{os.getpid()}", recipients(PER_JOB, DOMAINS, prefix=f"{tag}{j}-"))
+                 for j in range(n_jobs))
+        took = submit_all(daemon, lines, [PER_JOB] * n_jobs)
         time.sleep(2)  # let the allocator settle after the last job
-        out = {"took": took, "rss": vm(daemon, "VmRSS"), "peak": vm(daemon, "VmHWM")}
+        out = {"took": took, "rss": daemon.memory_mb("VmRSS"), "peak": daemon.memory_mb("VmHWM")}
         daemon.config.write_text(daemon.config.read_text().replace('max_rate = "1/h"', 'max_rate = "6000000/min"'))
         assert daemon.proc is not None
         t0 = time.monotonic()

@@ -24,12 +24,11 @@ import sqlite3
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from .harness import Daemon, TimingSink, job_line, recipients, submit_connection
+from .harness import Daemon, TimingSink, job_line, recipients, submit_all, submit_connection
 
 SINK = ("127.0.0.2", 2526)
 DOMAINS = [f"d{i}.bench.test" for i in range(10)]
@@ -56,18 +55,7 @@ def sqlite_baseline(jobs: list[list[dict[str, Any]]]) -> float:
 
 def acceptance(daemon: Daemon, jobs: list[list[dict[str, Any]]]) -> float:
     lines = [job_line(f"accept-{j}-{os.getpid()}", rcpts) for j, rcpts in enumerate(jobs)]
-    with submit_connection(daemon.submit_socket, 300) as (sock, answers):
-        got: list[dict[str, Any]] = []
-        reader = threading.Thread(target=lambda: got.extend(json.loads(answers.readline()) for _ in lines))
-        reader.start()
-        t0 = time.perf_counter()
-        sock.sendall(b"".join(lines))
-        reader.join(300)
-        elapsed = time.perf_counter() - t0
-    bad = [a for a, rcpts in zip(got, jobs, strict=False) if a.get("accepted") != len(rcpts)]
-    if len(got) != len(jobs) or bad:
-        raise SystemExit(f"not every job accepted whole: {(bad or got)[:1]}")
-    return sum(map(len, jobs)) / elapsed
+    return sum(map(len, jobs)) / submit_all(daemon, lines, [len(rcpts) for rcpts in jobs], 300)
 
 
 def latency(daemon: Daemon, sink: TimingSink, seconds: float, rate: float = 200.0) -> tuple[float, float, int]:

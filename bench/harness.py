@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -228,11 +228,12 @@ max_rate = "{rate}"
             sock.sendall(json.dumps(payload).encode() + b"\n")
             return json.loads(answers.readline())  # type: ignore[no-any-return]
 
-    def rss_mb(self) -> float:
+    def memory_mb(self, field: str = "VmRSS") -> float:
+        """A memory figure of the daemon from /proc (VmRSS now, VmHWM the peak), in MB."""
         assert self.proc is not None
         with open(f"/proc/{self.proc.pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
         return 0.0
 
@@ -259,6 +260,31 @@ max_rate = "{rate}"
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def submit_all(daemon: Daemon, lines: Iterable[bytes], sizes: list[int], timeout: float = 600) -> float:
+    """Job lines pipelined on one connection, answers read by a thread meanwhile; seconds
+    until the last answer. Each answer must have accepted its job whole (`sizes`). `lines`
+    may be a generator: the client then holds one job in memory at a time."""
+    with submit_connection(daemon.submit_socket, timeout) as (sock, answers):
+        bad: list[bytes] = []
+
+        def read() -> None:
+            for size in sizes:
+                answer = answers.readline()
+                if f'"accepted":{size},'.encode() not in answer:
+                    bad.append(answer)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        t0 = time.monotonic()
+        for line in lines:
+            sock.sendall(line)
+        reader.join(timeout)
+        took = time.monotonic() - t0
+    if bad or reader.is_alive():
+        raise SystemExit(f"a job was not accepted whole: {bad[0][:300] if bad else 'no answer'!r}")
+    return took
 
 
 def cpu_seconds(pid: int) -> float:

@@ -51,7 +51,7 @@ class DkimSigner:
 
     @property
     def slow(self) -> bool:
-        """An RSA key operation (~0.5 ms for 2048 bits) is worth a trip to a signing thread."""
+        """An RSA key operation (~0.5 ms for 2048 bits) is worth a trip to the key worker."""
         return isinstance(self._private, rsa.RSAPrivateKey)
 
     def prepare(self, message: bytes, now: int) -> tuple[bytes, bytes]:

@@ -114,10 +114,6 @@ class SmtpWire(asyncio.Protocol):
     def usable(self) -> bool:
         return self._error is None and self.transport is not None and not self.transport.is_closing()
 
-    def unsolicited(self) -> tuple[int, str] | None:
-        """A reply nobody asked for (a 421 sent to an idle connection), if one came."""
-        return self._replies[0] if self._replies and self._waiter is None else None
-
     def write(self, data: bytes) -> None:
         if self._error is not None:
             raise self._error
