@@ -32,7 +32,7 @@ class Result:
         return asdict(self)
 
 
-_BOUNCE_FROM = re.compile(r"mailer-daemon|postmaster|mail delivery|mail-daemon|mail administrator|"
+_BOUNCE_FROM = re.compile(r"mailer-daemon|post_?master|mail delivery|mail-daemon|mail administrator|"
                           r"delivery (subsystem|system|status)|mailer|bounce|returned mail", re.I)
 _BOUNCE_SUBJECT = re.compile(
     r"undeliver|delivery (status|failure|failed|notification|problem|report|has failed)|returned mail|"
@@ -157,7 +157,8 @@ def _ses_salvage(text: str) -> dict[str, Any]:
 def _classify(rep: dsn.Report, context: str, rules: RuleSet) -> Result:
     command = rep.command or textual.command_in(rep.diagnostic)
     status = rep.status if rep.status and rep.status not in ("5.0.0", "4.0.0") else None
-    status = status or dsn.status_in(rep.diagnostic)
+    # a relaying MTA's summary code comes first, the remote server's own (quoted) code last
+    status = status or dsn.last_status_in(rep.diagnostic)
     domain = (rep.recipient or "").rpartition("@")[2]
     if domain in rules.list_domains and not rep.replycode and not rep.status:
         reason: str | None = rules.list_reason
@@ -165,8 +166,13 @@ def _classify(rep: dsn.Report, context: str, rules: RuleSet) -> Result:
         reason = rules.reason(rep.diagnostic, status, command, context)
     if reason is None:
         reason = rules.by_status(rep.status)
-    if reason in ("networkerror", None) and rep.action == "failed" and (rep.status or "").startswith("4"):
-        # a temporary network failure that the reporting MTA gave up on: it expired
+    if rep.diagnostic_type.startswith("x-unix") and reason not in ("mailboxfull", "systemfull"):
+        # the words of a local delivery program (procmail, a pipe): the mailer failed
+        reason = "mailererror"
+    if reason in ("networkerror", None) and (
+            rep.action == "delayed" or (rep.action == "failed" and (rep.status or "").startswith("4"))):
+        # a temporary network failure that the reporting MTA gave up on (or still retries
+        # after hours): what failed is the time
         reason = "expired"
     temporary = (rep.status or "").startswith("4")
     if temporary and rep.action == "failed" and not rep.diagnostic.strip():
@@ -178,15 +184,28 @@ def _classify(rep: dsn.Report, context: str, rules: RuleSet) -> Result:
     if reason is None:
         reason = "expired" if rep.action in ("delayed",) else "onhold"
     replycode = rep.replycode or textual.replycode_in(rep.diagnostic)
-    return Result(rep.recipient, rules.kind(reason), reason,
+    # what the server said (its reply or the code in it), not a reporting MTA's own Status
+    temporary = str(replycode or "").startswith("4") or (dsn.status_in(rep.diagnostic) or "").startswith("4")
+    return Result(rep.recipient, rules.kind(reason, temporary), reason,
                   rep.status or dsn.status_in(rep.diagnostic), replycode)
+
+
+_LIST_ROLE = re.compile(r"^[^@]*(-admin|-owner|-request|-bounces?)@|^owner-", re.I)
+
+
+def _list_notice(msg: Message) -> bool:
+    """A mailing-list manager's own notice (not a member, loop alert): the list refused the post."""
+    if msg.get("X-MLServer") or msg.get("X-ML-Name"):
+        return True
+    listed = msg.get("List-Id") or msg.get("Mailing-List") or msg.get("List-Post")
+    return bool(listed) and bool(_LIST_ROLE.search(_first_addr(mime.header(msg, "From")) or ""))
 
 
 def _is_bounce(msg: Message, body: str, strict: bool) -> bool:
     """strict: by the headers alone; else also by what the body says."""
     if msg.get_content_type() == "multipart/report":
         return True
-    if msg.get("X-Failed-Recipients"):
+    if msg.get("X-Failed-Recipients") or _list_notice(msg):
         return True
     sender = mime.header(msg, "From") + " " + mime.header(msg, "Return-Path")
     subject = mime.header(msg, "Subject")
@@ -208,10 +227,15 @@ def _bounce(msg: Message, body: str, rules: RuleSet) -> list[Result]:
         out = []
         for rep in reps:
             trep = prose.get(rep.recipient)
-            if trep is not None and (not rep.diagnostic or not textual.command_in(rep.diagnostic)):
+            if trep is not None:
                 if not rep.diagnostic and (trep.replycode or trep.status):
                     rep.diagnostic = trep.diagnostic
-                rep.command = rep.command or trep.command
+                # a transcript's own command outranks one the diagnostic's words imply
+                explicit = textual.explicit_command_in(trep.diagnostic) if trep.command else None
+                if explicit and not textual.explicit_command_in(rep.diagnostic):
+                    rep.command = rep.command or explicit
+                elif not textual.command_in(rep.diagnostic):
+                    rep.command = rep.command or trep.command
             out.append(_classify(rep, context, rules))
         return out
     failed = _addr_list(mime.header(msg, "X-Failed-Recipients"))
@@ -267,6 +291,7 @@ def classify_reply(reply: Reply, rules: RuleSet = RULES) -> Classification:
         return Classification("soft", reason)
     status = reply.enhanced or None
     command = _STAGE_COMMAND.get(reply.stage)
-    rep = dsn.Report(None, reply.line(), status, "failed", reply.code, command)
+    # no reporting MTA gave up here: the reply is all there is (no action)
+    rep = dsn.Report(None, reply.line(), status, None, reply.code, command)
     result = _classify(rep, "", rules)
     return Classification(result.kind, result.reason or "undefined")

@@ -29,6 +29,7 @@ class Report:
     action: str | None = None
     replycode: int | None = None
     command: str | None = None   # the SMTP command the error answered, when said
+    diagnostic_type: str = ""    # "smtp", or e.g. "x-unix" for a local delivery program
 
 
 def address(value: str) -> str | None:
@@ -49,6 +50,12 @@ def status_in(text: str) -> str | None:
         if subject <= 7:
             return f"{klass}.{subject}.{int(m.group(3))}"
     return None
+
+
+def last_status_in(text: str) -> str | None:
+    """The last plausible enhanced status code in a text."""
+    found = [m for m in _STATUS.finditer(text) if int(m.group(2)) <= 7]
+    return f"{found[-1].group(1)}.{int(found[-1].group(2))}.{int(found[-1].group(3))}" if found else None
 
 
 def reply_in(text: str) -> int | None:
@@ -117,8 +124,10 @@ def _report(fields: dict[str, str]) -> Report | None:
     if not rcpt_field and "action" not in fields:
         return None
     diagnostic = fields.get("diagnostic-code", "")
-    if ";" in diagnostic[:12]:  # 'smtp; 550 5.1.1 ...'
-        diagnostic = diagnostic.split(";", 1)[1].strip()
+    diagnostic_type = ""
+    if ";" in diagnostic[:24]:  # 'smtp; 550 5.1.1 ...'
+        diagnostic_type, _, diagnostic = diagnostic.partition(";")
+        diagnostic_type, diagnostic = diagnostic_type.strip().lower(), diagnostic.strip()
     status = status_in(fields.get("status", "")) or None
     recipient = address(rcpt_field) if rcpt_field else None
     if recipient is None and status is None and not diagnostic:
@@ -129,7 +138,26 @@ def _report(fields: dict[str, str]) -> Report | None:
         status=status,
         action=(fields.get("action") or "").lower().split(" ")[0] or None,
         replycode=reply_in(diagnostic[:12]) if diagnostic else None,
+        diagnostic_type=diagnostic_type,
     )
+
+
+# Fields that each recipient of a DSN has once: a repeat starts the next recipient's block
+# (some MTAs write several recipients without the blank line between them).
+_PER_RECIPIENT = frozenset({"original-recipient", "final-recipient", "action", "status", "remote-mta",
+                            "diagnostic-code", "last-attempt-date", "will-retry-until", "final-log-id"})
+
+
+def _per_recipient(fields: Fields) -> list[Fields]:
+    blocks: list[Fields] = [[]]
+    seen: set[str] = set()
+    for name, value in fields:
+        if name in _PER_RECIPIENT and name in seen:
+            blocks.append([])
+            seen = set()
+        seen.add(name)
+        blocks[-1].append((name, value))
+    return blocks
 
 
 def reports(msg: Message) -> list[Report]:
@@ -138,9 +166,10 @@ def reports(msg: Message) -> list[Report]:
     for part in mime.walk(msg):
         if part.get_content_type() in ("message/delivery-status", "message/global-delivery-status"):
             for fields in field_blocks(part):
-                rep = _report(_first(fields))
-                if rep is not None:
-                    found.append(rep)
+                for block in _per_recipient(fields):
+                    rep = _report(_first(block))
+                    if rep is not None:
+                        found.append(rep)
     if not found:
         text = mime.body_text(msg)
         if re.search(r"^(final|original)-recipient\s*:", text, re.I | re.M):

@@ -11,6 +11,10 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 
+# x.1.y codes about something else than the mailbox: its domain (1.2, 1.10 null MX), a
+# move (1.6), the sender (1.7, 1.8), a relay (1.9); the rest (1.1, 1.3, Exchange's 1.351, ...)
+# say the mailbox address is wrong
+_NOT_MAILBOX_DETAILS = frozenset({"1.2", "1.6", "1.7", "1.8", "1.9", "1.10"})
 _BLANKS = re.compile(r"\s+")
 # "550-5.7.1 ... 550 5.7.1 ..." continuation prefixes inside a multi-line reply
 _CONTINUATION = re.compile(r"(?<=\s)[245]\d\d[- ](?:[245]\.\d{1,3}\.\d{1,3}\s)?")
@@ -27,6 +31,7 @@ class RuleSet:
     list_reason: str = "rejected"
     strong_status: frozenset[str] = frozenset()
     unless_rcpt: dict[str, str] = field(default_factory=dict)
+    after_data: dict[str, str] = field(default_factory=dict)
     blocklist: re.Pattern[str] | None = None
 
     def names_blocklist(self, text: str) -> bool:
@@ -61,8 +66,13 @@ class RuleSet:
         if detail in self.strong_status:
             return self.status[detail]
         tagged = self._match(diagnostic)
-        if tagged in self.unless_rcpt and command != "RCPT" and (status or "")[1:3] != ".1":
+        # An address status makes the words a verdict on the address whatever the command;
+        # without one, the command the words answered decides.
+        address_status = detail.startswith("1.") and detail not in _NOT_MAILBOX_DETAILS
+        if tagged in self.unless_rcpt and command != "RCPT" and not address_status:
             return self.unless_rcpt[tagged]
+        if tagged in self.after_data and command == "DATA" and not address_status:
+            return self.after_data[tagged]
         reason = tagged.partition("#")[0] if tagged else None
         if command == "MAIL" and reason in (None, "userunknown", "hostunknown", "filtered"):
             # refused at MAIL FROM: the sender was refused, the recipient was never judged
@@ -74,8 +84,14 @@ class RuleSet:
                 or self.by_text(context) or (self.command.get(command) if command else None)
                 or self.by_text(context, weak=True))
 
-    def kind(self, reason: str) -> str:
-        """hard only for reasons about the address itself (SPEC §7, sisimai's convention)."""
+    def kind(self, reason: str, temporary: bool = False) -> str:
+        """hard only for reasons about the address itself (SPEC §7, sisimai's convention).
+
+        A domain that accepts no mail (`notaccept`) is final only when the server said so
+        with a permanent code: a 4xx null-MX or "not accepting" is a state that can pass.
+        """
+        if reason == "notaccept" and temporary:
+            return "soft"
         return "hard" if reason in self.hard else "soft"
 
 
@@ -87,14 +103,18 @@ def load(data: bytes | None = None) -> RuleSet:
     text: list[tuple[str, re.Pattern[str]]] = []
     weak: list[tuple[str, re.Pattern[str]]] = []
     unless_rcpt: dict[str, str] = {}
+    after_data: dict[str, str] = {}
     for index, rule in enumerate(doc.get("text", [])):
         # one alternation per rule: a single scan of the text per rule
         joined = "|".join(f"(?:{p})" for p in rule["patterns"])
         reason = rule["reason"]
-        if "unless_rcpt" in rule:
+        if "unless_rcpt" in rule or "after_data" in rule:
             # a rule-specific name, so that the override applies to this rule's matches only
             reason = f"{reason}#{index}"
-            unless_rcpt[reason] = rule["unless_rcpt"]
+            if "unless_rcpt" in rule:
+                unless_rcpt[reason] = rule["unless_rcpt"]
+            if "after_data" in rule:
+                after_data[reason] = rule["after_data"]
         (weak if rule.get("weak") else text).append((reason, re.compile(joined, re.I)))
     lists = doc.get("lists", {})
     blocklist_patterns = doc.get("blocklists", {}).get("patterns", [])
@@ -102,7 +122,8 @@ def load(data: bytes | None = None) -> RuleSet:
     return RuleSet(tuple(text), tuple(weak), dict(doc.get("status", {})), dict(doc.get("command", {})),
                    frozenset(doc.get("hard", [])), frozenset(lists.get("domains", [])),
                    lists.get("reason", "rejected"),
-                   frozenset(doc.get("strong_status", {}).get("codes", [])), unless_rcpt, blocklist)
+                   frozenset(doc.get("strong_status", {}).get("codes", [])), unless_rcpt,
+                   blocklist=blocklist, after_data=after_data)
 
 
 RULES = load()

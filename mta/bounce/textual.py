@@ -24,12 +24,27 @@ _ORIGINAL = re.compile(
     r"included is a copy)|^\s*(?:received|return-path|dkim-signature|arc-seal|x-original-to|x-[\w-]+):\s",
     re.I | re.M)
 _SENDER_CONTEXT = re.compile(r"(mail from:?|envelope-from|from:|sender:?|return-path:?)\s*<?\s*$", re.I)
+# An address offered for help ("please contact <support@...>") is not a failed recipient,
+# wherever else the notice repeats it.
+_CONTACT_CONTEXT = re.compile(r"(contact|write to|send (an? )?(e-?mail|mail|message) to|questions?,? to|"
+                              r"reach us at|help desk|helpdesk)\s*:?\s*<?\s*$", re.I)
 _MESSAGE_ID = re.compile(r"^[0-9a-f.$-]{16,}@")  # timestamps and UUIDs: message ids, not mailboxes
-_ROLE = re.compile(r"^(mailer-daemon|postmaster|mail-daemon|noreply|no-reply|bounce[s]?|root)@", re.I)
+_ROLE = re.compile(r"^(mailer-daemon|postmaster|mail-daemon|noreply|no-reply|bounce[s]?|root)@|"
+                   r"^[^@]*-(ctl|request|help|subscribe|unsubscribe)@", re.I)
 _REPLY_LINE = re.compile(r"(?:^|[\s:>'\"(\[])([45][0-5]\d)(?=[ -]|$)", re.M)
-_COMMANDS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("RCPT", re.compile(r">>> ?rcpt|rcpt[ _]to|rcpt command|did not like our rcpt|after rcpt|"
-                        r"recipient address rejected", re.I)),
+# The SMTP command an error answered. Explicit: a session transcript (">>> DATA") or the
+# MTA saying which command it was ("in reply to RCPT TO command"); these are facts and
+# win. Implied: words that only some commands' replies use ("recipient address rejected").
+_EXPLICIT_COMMANDS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("DATA", re.compile(r"^\s*>>> ?data\b|in reply to (end of )?data\b|\bsmtp:data\b|"
+                        r"(after|for) (end of )?(data|text)( command)?\b|end of data", re.I | re.M)),
+    ("RCPT", re.compile(r"^\s*>>> ?rcpt\b|in reply to rcpt\b|(after|for) rcpt[ _]to\b|\bsmtp:rcpt\b|"
+                        r"does not like recipient", re.I | re.M)),
+    ("MAIL", re.compile(r"^\s*>>> ?mail\b|in reply to mail\b|(after|for) mail from\b|\bsmtp:mail\b|"
+                        r"does not like sender", re.I | re.M)),
+)
+_IMPLIED_COMMANDS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("RCPT", re.compile(r">>> ?rcpt|rcpt[ _]to|rcpt command|did not like our rcpt|after rcpt", re.I)),
     ("MAIL", re.compile(r">>> ?mail from|mail from|sender address rejected|after mail", re.I)),
     ("DATA", re.compile(r">>> ?data\b|command\W{0,3}data\b|end of data|after data|data command|"
                         r"\bdata\b.{0,10}command|message text|end of message", re.I)),
@@ -58,6 +73,9 @@ def error_section(body: str) -> str:
 def recipients(section: str, exclude: set[str]) -> list[str]:
     """Failed recipients in order of appearance, without senders and role addresses."""
     found: list[str] = []
+    contacts = {m.group(0).strip("\"'").lower() for m in ADDRESS.finditer(section)
+                if _CONTACT_CONTEXT.search(section[max(0, m.start() - 40): m.start()])}
+    exclude = exclude | contacts
     for m in ADDRESS.finditer(section):
         addr = m.group(0).strip("\"'").lower()
         if addr in exclude or addr in found or _ROLE.match(addr):
@@ -70,8 +88,18 @@ def recipients(section: str, exclude: set[str]) -> list[str]:
     return found
 
 
+def explicit_command_in(text: str) -> str | None:
+    """The command a transcript or the MTA names as the one the error answered."""
+    found = [(m.start(), name) for name, pattern in _EXPLICIT_COMMANDS if (m := pattern.search(text))]
+    return min(found)[1] if found else None
+
+
 def command_in(text: str) -> str | None:
-    for name, pattern in _COMMANDS:
+    """The command the error answered: named explicitly, else implied by the words."""
+    explicit = explicit_command_in(text)
+    if explicit:
+        return explicit
+    for name, pattern in _IMPLIED_COMMANDS:
         if pattern.search(text):
             return name
     return None
@@ -87,14 +115,16 @@ def reports(body: str, exclude: set[str], failed: list[str]) -> list[Report]:
     section = error_section(body)
     rcpts = failed or recipients(section, exclude)
     lower = section.lower()
-    starts: list[tuple[int, str]] = []
+    # every mention of every recipient: a recipient's words run from its first mention to
+    # the next mention of another one (bounces that repeat the list in a second language
+    # or in a transcript mention each address more than once)
+    mentions = sorted((m.start(), addr) for addr in rcpts for m in re.finditer(re.escape(addr), lower))
+    out: list[Report] = []
     for addr in rcpts:
         pos = lower.find(addr)
-        starts.append((pos if pos >= 0 else len(section), addr))
-    starts.sort()
-    out: list[Report] = []
-    for i, (pos, addr) in enumerate(starts):
-        end = starts[i + 1][0] if i + 1 < len(starts) else len(section)
+        if pos < 0:
+            pos = len(section)
+        end = next((at for at, other in mentions if at > pos and other != addr), len(section))
         chunk = section[pos:end] if pos < len(section) else section
         # a recipient block that says nothing (a bare list of addresses) takes the section's words
         if not status_in(chunk) and not replycode_in(chunk) and len(chunk.strip()) < len(addr) + 8:
