@@ -184,8 +184,10 @@ def _classify(rep: dsn.Report, context: str, rules: RuleSet) -> Result:
     if reason is None:
         reason = "expired" if rep.action in ("delayed",) else "onhold"
     replycode = rep.replycode or textual.replycode_in(rep.diagnostic)
-    # what the server said (its reply or the code in it), not a reporting MTA's own Status
-    temporary = str(replycode or "").startswith("4") or (dsn.status_in(rep.diagnostic) or "").startswith("4")
+    # what the server said (its reply or the code in it), or a temporary Status the
+    # reporting MTA gave up on; not a delay warning's Status (the MTA is still trying)
+    temporary = (str(replycode or "").startswith("4") or (dsn.status_in(rep.diagnostic) or "").startswith("4")
+                 or (rep.action == "failed" and (rep.status or "").startswith("4")))
     return Result(rep.recipient, rules.kind(reason, temporary), reason,
                   rep.status or dsn.status_in(rep.diagnostic), replycode)
 
