@@ -47,6 +47,7 @@ def test_accuracy_does_not_regress() -> None:
     (550, "No such user here", "data", "soft", "filtered"),
     (550, "5.1.1 No such user here", "data", "hard", "userunknown"),   # an address status decides
     (550, "No such user here", "rcpt", "hard", "userunknown"),
+    (550, "No such user here", "mail", "soft", "rejected"),   # at MAIL FROM: the sender
     (550, "User some.one not listed in Domino Directory", "data", "hard", "userunknown"),  # a directory's verdict
     (450, "4.1.10 Recipient domain does not accept mail", "rcpt", "soft", "notaccept"),  # 4xx: it can pass
     (0, "Connection timed out", "connect", "soft", "networkerror"),

@@ -31,7 +31,6 @@ class RuleSet:
     list_reason: str = "rejected"
     strong_status: frozenset[str] = frozenset()
     unless_rcpt: dict[str, str] = field(default_factory=dict)
-    after_data: dict[str, str] = field(default_factory=dict)
     blocklist: re.Pattern[str] | None = None
 
     def names_blocklist(self, text: str) -> bool:
@@ -67,12 +66,10 @@ class RuleSet:
             return self.status[detail]
         tagged = self._match(diagnostic)
         # An address status makes the words a verdict on the address whatever the command;
-        # without one, the command the words answered decides.
+        # without one, the command the words answered decides (before DATA: the rules below).
         address_status = detail.startswith("1.") and detail not in _NOT_MAILBOX_DETAILS
-        if tagged in self.unless_rcpt and command != "RCPT" and not address_status:
+        if tagged in self.unless_rcpt and command in (None, "DATA") and not address_status:
             return self.unless_rcpt[tagged]
-        if tagged in self.after_data and command == "DATA" and not address_status:
-            return self.after_data[tagged]
         reason = tagged.partition("#")[0] if tagged else None
         if command == "MAIL" and reason in (None, "userunknown", "hostunknown", "filtered"):
             # refused at MAIL FROM: the sender was refused, the recipient was never judged
@@ -103,18 +100,14 @@ def load(data: bytes | None = None) -> RuleSet:
     text: list[tuple[str, re.Pattern[str]]] = []
     weak: list[tuple[str, re.Pattern[str]]] = []
     unless_rcpt: dict[str, str] = {}
-    after_data: dict[str, str] = {}
     for index, rule in enumerate(doc.get("text", [])):
         # one alternation per rule: a single scan of the text per rule
         joined = "|".join(f"(?:{p})" for p in rule["patterns"])
         reason = rule["reason"]
-        if "unless_rcpt" in rule or "after_data" in rule:
+        if "unless_rcpt" in rule:
             # a rule-specific name, so that the override applies to this rule's matches only
             reason = f"{reason}#{index}"
-            if "unless_rcpt" in rule:
-                unless_rcpt[reason] = rule["unless_rcpt"]
-            if "after_data" in rule:
-                after_data[reason] = rule["after_data"]
+            unless_rcpt[reason] = rule["unless_rcpt"]
         (weak if rule.get("weak") else text).append((reason, re.compile(joined, re.I)))
     lists = doc.get("lists", {})
     blocklist_patterns = doc.get("blocklists", {}).get("patterns", [])
@@ -123,7 +116,7 @@ def load(data: bytes | None = None) -> RuleSet:
                    frozenset(doc.get("hard", [])), frozenset(lists.get("domains", [])),
                    lists.get("reason", "rejected"),
                    frozenset(doc.get("strong_status", {}).get("codes", [])), unless_rcpt,
-                   blocklist=blocklist, after_data=after_data)
+                   blocklist=blocklist)
 
 
 RULES = load()
