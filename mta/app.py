@@ -50,7 +50,7 @@ from .sharing.counters import SharedCounters
 from .sharing.jobs import SharedJobKeys
 from .sharing.privacy import SharedErasure
 from .sharing.suppression import SharedSuppression
-from .submit.job import JobIn
+from .submit.job import decode_job
 from .submit.service import SubmitService
 from .throttle.limits import LocalLimits, MakeLimits, Throttles
 from .throttle.shaping import RuleBook
@@ -128,7 +128,7 @@ class App:
         self.submit_server = JsonLineServer(cfg.submit_socket, self.submit_service.handle,
                                             max_line=cfg.max_line_bytes, mode=0o660, group=cfg.submit_group,
                                             allowed_uids=cfg.allowed_uids,
-                                            typed={"submit": msgspec.json.Decoder(JobIn)})
+                                            typed={"submit": decode_job})
         self.control_service = ControlService(self)
         self.control_server = JsonLineServer(cfg.control_socket, self.control_service.handle,
                                              max_line=1 << 20, mode=0o600, max_clients=32)

@@ -300,3 +300,38 @@ async def test_a_full_disk_answers_unavailable_and_recovers(daemon_factory: Any,
     again = await d.submit(job("full", big))  # the same job_id: nothing of the refused one was kept
     assert again["accepted"] == 3000
     await wait_for(lambda: len(sink.delivered()) == 3000, 60)
+
+
+async def test_a_large_job_is_walked_in_chunks_end_to_end(daemon_factory: Any, sink: Sink,
+                                                          monkeypatch: Any) -> None:
+    """Over the socket, a line above LARGE_LINE takes the chunked path (thresholds lowered so
+    that a small job does): every good recipient delivered once, the bad ones rejected with
+    their index, a retry replayed, a bad recipient named by its place in the line."""
+    from mta.submit import job as jobs
+
+    monkeypatch.setattr(jobs, "LARGE_LINE", 100)
+    monkeypatch.setattr(jobs, "CHUNK", 7)
+    large_lines: list[int] = []
+    decode_large = jobs._decode_large
+
+    def counted(line: bytes) -> jobs.LargeJobIn:
+        large_lines.append(len(line))
+        return decode_large(line)
+
+    monkeypatch.setattr(jobs, "_decode_large", counted)
+    d = await daemon_factory(static={"d.test": [sink.addr]})
+    await d.account()
+    rcpts = [f"ok{i}@d.test" for i in range(30)] + ["bad address", "ok3@d.test"]
+    body = job("large", rcpts)
+    first = await d.submit(body)
+    assert first["ok"] is True and first["accepted"] == 30
+    rejected = [(r["index"], r["code"]) for r in first["rejected"]]
+    assert rejected == [(30, "invalid_address"), (31, "duplicate_recipient")]
+    assert await d.submit(body) == first  # the same job again: the first answer
+    await wait_for(lambda: all(sink.delivered()[f"ok{i}@d.test"] == 1 for i in range(30)), 30)
+    broken = job("broken", [f"x{i}@d.test" for i in range(20)])
+    broken["recipients"][15] = {"email": ["not", "a", "string"]}
+    answer = await d.submit(broken)
+    assert answer["ok"] is False and answer["error"]["code"] == "malformed_request"
+    assert "$.recipients[15].email" in answer["error"]["message"] and answer["job_id"] == "broken"
+    assert len(large_lines) == 3  # each of the three lines took the chunked path

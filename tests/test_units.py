@@ -92,7 +92,7 @@ def test_per_recipient_rejections() -> None:
         {"email": "OK@x.test", "vars": {"name": "dup"}},
     ])
     p = _prepare(job)
-    assert [r[1] for r in p.rows] == ["ok@x.test"]  # type: ignore[attr-defined]
+    assert [r[1] for r in p.rows()] == ["ok@x.test"]  # type: ignore[attr-defined]
     codes = [r["code"] for r in p.rejected]  # type: ignore[attr-defined]
     assert codes == ["invalid_address", "missing_variable", "header_injection", "duplicate_recipient"]
 
@@ -114,3 +114,45 @@ def test_addresses_and_idn() -> None:
     assert split_address("ann@bücher.test") == ("ann", "xn--bcher-kva.test")
     for bad in ("a@", "@x.test", "a b@x.test", "a@x", "a@-x.test", "a..b@x.test"):
         assert split_address(bad) is None
+
+
+def test_a_large_job_walked_in_chunks_is_the_same_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LargeJobIn (recipients kept as raw JSON, decoded a chunk at a time) has the digest,
+    rows and rejections of the JobIn decoded from the same line."""
+    import msgspec
+
+    from mta.submit import job as jobs
+
+    monkeypatch.setattr(jobs, "CHUNK", 4)
+    rcpts: list[dict[str, object]] = [{"vars": {"name": f"n{i}"}, "email": f"u{i}@d{i % 3}.test"} for i in range(11)]
+    rcpts[2] = {"email": "not an address", "vars": {"name": "x"}}
+    rcpts[5] = {"email": "u1@d1.test", "vars": {"name": "again"}}     # a duplicate across chunks
+    rcpts[9] = {"email": "u9@d0.test", "vars": {}}                    # a missing variable
+    line = msgspec.json.encode({"op": "submit", "job_id": "big", "account": "a", "sending_domain": "mlgnserv.com",
+                                "from": "A <a@a.example>", "subject": "Hi {{name}}", "text": "{{name}}",
+                                "recipients": rcpts})
+    small, large = jobs._decode_job(line), jobs._decode_large(line)
+    assert isinstance(large, jobs.LargeJobIn) and len(large.recipients) == 11
+    assert jobs.job_digest(large) == jobs.job_digest(small)
+    both = [prepare(j, max_recipients=100, max_message_size=1 << 20, address_hash=str.upper)
+            for j in (small, large)]
+    assert list(both[1].rows()) == list(both[0].rows()) and len(list(both[0].rows())) == 8
+    assert both[1].rejected == both[0].rejected
+    assert [r["index"] for r in both[0].rejected] == [2, 5, 9]
+    assert both[1].domains == both[0].domains == [row[2] for row in both[0].rows()]
+    assert both[1].kept is None  # nothing per recipient is kept for the large form
+
+
+def test_a_large_job_names_a_bad_recipient_by_its_place_in_the_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import msgspec
+
+    from mta.submit import job as jobs
+
+    monkeypatch.setattr(jobs, "CHUNK", 4)
+    rcpts: list[object] = [{"email": f"u{i}@x.test"} for i in range(10)]
+    rcpts[6] = {"email": 42}
+    line = msgspec.json.encode({"job_id": "big", "account": "a", "sending_domain": "mlgnserv.com",
+                                "from": "a@a.example", "subject": "s", "text": "t", "recipients": rcpts})
+    with pytest.raises(Refused) as exc:
+        jobs.job_digest(jobs._decode_large(line))
+    assert exc.value.code == "malformed_request" and "$.recipients[6].email" in exc.value.message

@@ -466,7 +466,7 @@ def put_kv(conn: sqlite3.Connection, key: str, value: bytes) -> None:
 
 def insert_job(conn: sqlite3.Connection, account: str, job_id: str, campaign: str, sending_domain: str,
                digest: bytes, template: bytes, answer: bytes, created: float,
-               rows: list[tuple[int, str, str, bytes, str]],
+               rows: Iterable[tuple[int, str, str, bytes, str]],
                event: tuple[float, str, str | None, bytes],
                account_row: bytes | None = None, review: bool = False) -> tuple[str, int, int, bytes, bytes]:
     """Store a job once plus a row per recipient. Returns ("new", job row, first recipient row,
@@ -482,13 +482,22 @@ def insert_job(conn: sqlite3.Connection, account: str, job_id: str, campaign: st
     job_row = int(cur.lastrowid or 0)
     # Row ids of one executemany are consecutive: this thread is the only writer, and
     # SQLite gives a new row max(rowid) + 1 (no AUTOINCREMENT gaps).
+    # `rows` may be a generator (a large job's rows are made a chunk at a time): counted here
+    count = 0
+
+    def numbered() -> Iterator[tuple[int, int, str, str, bytes, str]]:
+        nonlocal count
+        for idx, email, domain, vars_, rhash in rows:
+            count += 1
+            yield job_row, idx, email, domain, vars_, rhash
+
     conn.executemany("INSERT INTO recipients (job, idx, email, domain, vars, rhash) VALUES (?, ?, ?, ?, ?, ?)",
-                     [(job_row, idx, email, domain, vars_, rhash) for idx, email, domain, vars_, rhash in rows])
+                     numbered())
     last = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
-    if review and rows:  # a trial account's messages wait for an admin, each on its own
+    if review and count:  # a trial account's messages wait for an admin, each on its own
         conn.execute("INSERT INTO review (recipient, time) SELECT id, ? FROM recipients WHERE job = ?",
                      (created, job_row))
     conn.execute("INSERT INTO events (time, type, account, body) VALUES (?, ?, ?, ?)", event)
     if account_row is not None:  # the quota counters move in the same transaction as the job
         put_account(conn, account, account_row)
-    return ("new", job_row, last - len(rows) + 1 if rows else 0, b"", b"")
+    return ("new", job_row, last - count + 1 if count else 0, b"", b"")

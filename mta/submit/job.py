@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import msgspec
 
@@ -26,16 +27,27 @@ class RecipientIn(msgspec.Struct, forbid_unknown_fields=False):
     vars: dict[str, VarValue] = {}
 
 
-class JobIn(Content, kw_only=True, forbid_unknown_fields=False):
+class _JobFields(Content, kw_only=True, forbid_unknown_fields=False):
     """A submit request: the content fields (from, subject, text, html, raw, headers,
-    list_unsubscribe_url) plus who sends it to whom."""
+    list_unsubscribe_url) plus who sends it; the recipients are in the subclasses."""
 
     job_id: str
     account: str
     sending_domain: str
-    recipients: list[RecipientIn]
     campaign: str = ""
     op: str = "submit"
+
+
+class JobIn(_JobFields, kw_only=True, forbid_unknown_fields=False):
+    recipients: list[RecipientIn]
+
+
+class LargeJobIn(_JobFields, kw_only=True, forbid_unknown_fields=False):
+    """A job whose recipients stay undecoded JSON until they are walked a chunk at a time:
+    a million recipients are then a million small references into the request line, not a
+    million structs with their dicts (issue 8: memory stays bounded)."""
+
+    recipients: list[msgspec.Raw]
 
 
 class Refused(Exception):
@@ -47,16 +59,85 @@ class Refused(Exception):
         self.message = message
 
 
+AnyJob = JobIn | LargeJobIn
+CHUNK = 10_000  # recipients decoded at once from a LargeJobIn
+LARGE_LINE = 8 << 20  # request lines longer than this are decoded as a LargeJobIn
+_decode_job = msgspec.json.Decoder(JobIn).decode
+_decode_large = msgspec.json.Decoder(LargeJobIn).decode
+_decode_chunk = msgspec.json.Decoder(list[RecipientIn]).decode
+_CHUNK_PATH = re.compile(r"\$\[(\d+)\]")
+
+
+def _whole_line_path(start: int, m: re.Match[str]) -> str:
+    return f"$.recipients[{start + int(m.group(1))}]"
+
+
+def decode_job(line: bytes) -> AnyJob:
+    """A submit line as a job struct (raises msgspec.ValidationError / DecodeError)."""
+    return _decode_large(line) if len(line) > LARGE_LINE else _decode_job(line)
+
+
+def chunks(job: AnyJob) -> Iterator[tuple[int, list[RecipientIn]]]:
+    """(index of the first, recipients) a chunk at a time, for either form of job."""
+    if isinstance(job, JobIn):
+        yield 0, job.recipients
+        return
+    for start in range(0, len(job.recipients), CHUNK):
+        part = job.recipients[start:start + CHUNK]
+        try:
+            decoded = _decode_chunk(b"[" + b",".join(raw for raw in part) + b"]")
+        except msgspec.ValidationError as exc:  # said as if the whole line had been decoded at once
+            where = _CHUNK_PATH.sub(partial(_whole_line_path, start), str(exc))
+            raise Refused("malformed_request", f"not a valid job: {where}") from None
+        yield start, decoded
+
+
 @dataclass(slots=True)
 class Prepared:
-    """A validated job: what goes into the spool, and what the answer will say."""
+    """A validated job: what goes into the spool, and what the answer will say.
 
-    job: JobIn
+    `rows()` gives the spool rows (idx, email, ascii domain, vars as JSON, keyed hash of the
+    address) in order. For a JobIn they are kept from the checks; for a LargeJobIn they are
+    made again from the request line when the spool asks for them, so that no more than a
+    chunk of them exists at a time.
+    """
+
+    job: AnyJob
     content: Content
     digest: bytes
-    # (idx, email, ascii domain, vars as JSON, keyed hash of the address)
-    rows: list[tuple[int, str, str, bytes, str]] = field(default_factory=list)
+    domains: list[str] = field(default_factory=list)   # of the accepted rows, in order
     rejected: list[dict[str, object]] = field(default_factory=list)
+    kept: list[tuple[int, str, str, bytes, str]] | None = None
+    address_hash: Callable[[str], str] | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.domains)
+
+    def rows(self) -> Iterator[tuple[int, str, str, bytes, str]]:
+        if self.kept is not None:
+            yield from self.kept
+            return
+        assert self.address_hash is not None
+        refused = {r["index"] for r in self.rejected}
+        cache: dict[str, str | None] = {}
+        for start, part in chunks(self.job):
+            for idx, rcpt in enumerate(part, start):
+                if idx not in refused:
+                    yield _row(idx, rcpt, cache, self.address_hash)
+
+
+def _values(rcpt: RecipientIn) -> dict[str, str]:
+    return {k: ("" if v is None else str(v)) for k, v in rcpt.vars.items()}
+
+
+def _row(idx: int, rcpt: RecipientIn, domains: dict[str, str | None],
+         address_hash: Callable[[str], str]) -> tuple[int, str, str, bytes, str]:
+    """The spool row of a recipient that passed the checks."""
+    parts = split_address(rcpt.email, domains)
+    assert parts is not None
+    email = f"{parts[0]}@{parts[1]}"
+    return idx, email, parts[1], _encode(_values(rcpt)), address_hash(email.lower())
 
 
 # Headers the daemon writes itself; a job may not set them through `headers`.
@@ -101,17 +182,28 @@ def split_address(email: str, domains: dict[str, str | None] | None = None) -> t
     return local, ascii_form
 
 
-def job_digest(job: JobIn) -> bytes:
-    """What makes two submissions "the same job" for idempotency: the content, key order aside."""
-    return hashlib.sha256(_encode(job, order="sorted")).digest()
+def job_digest(job: AnyJob) -> bytes:
+    """What makes two submissions "the same job" for idempotency: the content, key order aside.
+    A LargeJobIn hashes the same bytes as the JobIn of the same line, a chunk at a time."""
+    if isinstance(job, JobIn):
+        return hashlib.sha256(_encode(job, order="sorted")).digest()
+    head = _encode(msgspec.structs.replace(job, recipients=[]), order="sorted")
+    before, marker, after = head.partition(b'"recipients":[')
+    digest = hashlib.sha256(before + marker)
+    for start, part in chunks(job):
+        if start:
+            digest.update(b",")
+        digest.update(_encode(part, order="sorted")[1:-1])
+    digest.update(after)
+    return digest.digest()
 
 
-def content_of(job: JobIn) -> Content:
+def content_of(job: AnyJob) -> Content:
     return Content(from_=job.from_, subject=job.subject, text=job.text, html=job.html, raw=job.raw,
                    headers=dict(job.headers), list_unsubscribe_url=job.list_unsubscribe_url)
 
 
-def _check_fields(job: JobIn) -> None:
+def _check_fields(job: AnyJob) -> None:
     if not job.job_id.strip() or len(job.job_id) > 200:
         raise Refused("malformed_request", "job_id must be a non-empty string of at most 200 characters")
     if not job.account.strip():
@@ -154,7 +246,7 @@ def _qp_size(text: str) -> int:
     return len(raw) + 2 * escaped + len(raw) // 72 * 3
 
 
-def prepare(job: JobIn, *, max_recipients: int, max_message_size: int,
+def prepare(job: AnyJob, *, max_recipients: int, max_message_size: int,
             address_hash: Callable[[str], str], digest: bytes | None = None,
             suppressed: Callable[[str, str], bool] | None = None) -> Prepared:
     """Validate a decoded job; raise Refused for the whole job, else list per-recipient rejections."""
@@ -187,41 +279,48 @@ def prepare(job: JobIn, *, max_recipients: int, max_message_size: int,
     most = sum(occurrences.values())
     if digest is None:
         digest = job_digest(job)
-    prepared = Prepared(job, content, digest)
+    prepared = Prepared(job, content, digest, address_hash=address_hash)
+    keep = isinstance(job, JobIn)
+    kept: list[tuple[int, str, str, bytes, str]] = []
     seen: set[str] = set()
     domains: dict[str, str | None] = {}
-    for idx, rcpt in enumerate(job.recipients):
-        parts = split_address(rcpt.email, domains)
-        if parts is None:
-            prepared.rejected.append({"index": idx, "email": rcpt.email, "code": "invalid_address"})
-            continue
-        values = {k: ("" if v is None else str(v)) for k, v in rcpt.vars.items()}
-        missing = all_names.difference(values)
-        if missing:
-            prepared.rejected.append({"index": idx, "email": rcpt.email, "code": "missing_variable",
-                                      "message": "missing " + ", ".join(sorted(missing))})
-            continue
-        if any(has_header_breaker(values[n]) for n in header_names):
-            prepared.rejected.append({"index": idx, "email": rcpt.email, "code": "header_injection",
-                                      "message": "a variable used in a header contains CR, LF or NUL"})
-            continue
-        blob = _encode(values)
-        # the JSON of the values is at least as long as their UTF-8 bytes: when even that bound
-        # fits, the exact sum per placeholder is not needed (the common case, and the cheap one)
-        if base_size + 3 * most * len(blob) > max_message_size and base_size + sum(
-                3 * len(values[n].encode()) * k for n, k in occurrences.items()) > max_message_size:
-            prepared.rejected.append({"index": idx, "email": rcpt.email, "code": "message_too_large"})
-            continue
-        local, domain = parts
-        email = f"{local}@{domain}"
-        key = email.lower()
-        rhash = address_hash(key)
-        if key in seen:
-            prepared.rejected.append({"index": idx, "email": rcpt.email, "code": "duplicate_recipient"})
-            continue
-        if suppressed is not None and suppressed(job.account, rhash):
-            prepared.rejected.append({"index": idx, "email": rcpt.email, "code": "suppressed"})
-            continue
-        seen.add(key)
-        prepared.rows.append((idx, email, domain, blob, rhash))
+    for start, part in chunks(job):
+        for idx, rcpt in enumerate(part, start):
+            parts = split_address(rcpt.email, domains)
+            if parts is None:
+                prepared.rejected.append({"index": idx, "email": rcpt.email, "code": "invalid_address"})
+                continue
+            values = _values(rcpt)
+            missing = all_names.difference(values)
+            if missing:
+                prepared.rejected.append({"index": idx, "email": rcpt.email, "code": "missing_variable",
+                                          "message": "missing " + ", ".join(sorted(missing))})
+                continue
+            if any(has_header_breaker(values[n]) for n in header_names):
+                prepared.rejected.append({"index": idx, "email": rcpt.email, "code": "header_injection",
+                                          "message": "a variable used in a header contains CR, LF or NUL"})
+                continue
+            blob = _encode(values)
+            # the JSON of the values is at least as long as their UTF-8 bytes: when even that
+            # bound fits, the exact sum per placeholder is not needed (the common, cheap case)
+            if base_size + 3 * most * len(blob) > max_message_size and base_size + sum(
+                    3 * len(values[n].encode()) * k for n, k in occurrences.items()) > max_message_size:
+                prepared.rejected.append({"index": idx, "email": rcpt.email, "code": "message_too_large"})
+                continue
+            local, domain = parts
+            email = f"{local}@{domain}"
+            key = email.lower()
+            rhash = address_hash(key)
+            if key in seen:
+                prepared.rejected.append({"index": idx, "email": rcpt.email, "code": "duplicate_recipient"})
+                continue
+            if suppressed is not None and suppressed(job.account, rhash):
+                prepared.rejected.append({"index": idx, "email": rcpt.email, "code": "suppressed"})
+                continue
+            seen.add(key)
+            prepared.domains.append(domain)
+            if keep:
+                kept.append((idx, email, domain, blob, rhash))
+    if keep:
+        prepared.kept = kept
     return prepared

@@ -19,7 +19,7 @@ from .. import metrics
 from ..config import Config
 from ..events import event_row
 from ..events import read as read_events
-from ..jsonlines import Peer, error
+from ..jsonlines import Invalid, Peer, error
 from ..policy.accounts import SYSTEM_ACCOUNT, AccountBook
 from ..policy.notices import Notice
 from ..policy.quota import allowance, consume
@@ -27,7 +27,7 @@ from ..queue.scheduler import Scheduler
 from ..queue.spool import Spool, SpoolUnavailable, insert_job
 from ..returns import Returns, Signal
 from ..types import Content, JobInfo
-from .job import JobIn, Refused, job_digest, prepare, split_address
+from .job import AnyJob, JobIn, LargeJobIn, Refused, job_digest, prepare, split_address
 
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
@@ -62,9 +62,12 @@ class SubmitService:
         self._notices = itertools.count(1)  # two notices in one millisecond still get their own job_id
         self.job_keys: JobKeys | None = None
 
-    async def handle(self, request: dict[str, Any] | JobIn, peer: Peer) -> dict[str, Any]:
-        if isinstance(request, JobIn):  # decoded straight into its struct by the socket server
+    async def handle(self, request: dict[str, Any] | AnyJob, peer: Peer) -> dict[str, Any]:
+        if isinstance(request, JobIn | LargeJobIn):  # decoded straight into its struct by the socket server
             return self._counted(await self.submit_job(request))
+        if isinstance(request, Invalid):  # a submit line that is JSON but not a job
+            return self._counted(error("malformed_request", f"not a valid job: {request.message}",
+                                       job_id=request.job_id))
         op = request["op"]
         if op == "ping":
             return {"ok": True}
@@ -121,12 +124,15 @@ class SubmitService:
             return error("malformed_request", f"not a valid job: {exc}", job_id=job_id)
         return await self.submit_job(job)
 
-    async def submit_job(self, job: JobIn) -> dict[str, Any]:
+    async def submit_job(self, job: AnyJob) -> dict[str, Any]:
         account = self.accounts.get(job.account)
         if account is None:
             return error("unknown_account", f"no account {job.account!r} (create it with `mta accounts set`)",
                          job_id=job.job_id)
-        digest = job_digest(job)
+        try:
+            digest = job_digest(job)  # a large job's recipients are first decoded here
+        except Refused as exc:
+            return error(exc.code, exc.message, job_id=job.job_id)
         found = self.spool.find_job(job.account, job.job_id)
         if found is not None:
             return self._replay(job.job_id, digest, *found)
@@ -147,7 +153,7 @@ class SubmitService:
             await self.job_keys.abandon(job.account, job.job_id)
         return answer
 
-    async def _admit(self, job: JobIn, digest: bytes) -> dict[str, Any]:
+    async def _admit(self, job: AnyJob, digest: bytes) -> dict[str, Any]:
         """Everything after idempotency: status, domain, content, quota, then the spool."""
         account = self.accounts.get(job.account)
         if account is None:
@@ -173,36 +179,36 @@ class SubmitService:
         except Refused as exc:
             return error(exc.code, exc.message, job_id=job.job_id)
         fits = allowance(account, now)
-        if len(prepared.rows) > fits:
-            return error("quota_exceeded", f"{len(prepared.rows)} recipients; {fits} would have fitted in the "
+        if prepared.count > fits:
+            return error("quota_exceeded", f"{prepared.count} recipients; {fits} would have fitted in the "
                          f"account's quota ({account.plan} plan)", job_id=job.job_id, fits=fits)
-        charged = consume(account, len(prepared.rows), now)
+        charged = consume(account, prepared.count, now)
         self.accounts.replace(charged)  # taken now: a pipelined job cannot pass the same check
         review = account.plan == "trial"  # SPEC §1: every trial message waits for an admin
-        answer: dict[str, Any] = {"ok": True, "job_id": job.job_id, "accepted": len(prepared.rows),
+        answer: dict[str, Any] = {"ok": True, "job_id": job.job_id, "accepted": prepared.count,
                                   "rejected": prepared.rejected}
         if review:
             answer["held_for_review"] = True
         answer_blob = _encode(answer)
         campaign = job.campaign or job.job_id
         event = event_row("accepted", job.account, {"campaign": campaign, "job_id": job.job_id,
-                                                    "recipients": len(prepared.rows),
+                                                    "recipients": prepared.count,
                                                     "rejected": len(prepared.rejected)}, now)
         try:
             status, job_row, first, old_digest, old_answer = await self.spool.transact(
                 insert_job, job.account, job.job_id, campaign, sending_domain, prepared.digest,
-                _encode(prepared.content), answer_blob, now, prepared.rows, event, _encode(charged), review)
+                _encode(prepared.content), answer_blob, now, prepared.rows(), event, _encode(charged), review)
         except SpoolUnavailable as exc:
-            self._give_back(job.account, len(prepared.rows), now)
+            self._give_back(job.account, prepared.count, now)
             return error("unavailable", f"{exc}; retry later", job_id=job.job_id)
         if status == "exists":  # the same job_id won a race inside one group commit
-            self._give_back(job.account, len(prepared.rows), now)
+            self._give_back(job.account, prepared.count, now)
             return self._replay(job.job_id, digest, old_digest, old_answer)
         if not review:
             info = JobInfo(job_row, job.account, job.job_id, campaign, sending_domain, now)
-            self.scheduler.add(info, ((first + i, row[2]) for i, row in enumerate(prepared.rows)))
+            self.scheduler.add(info, ((first + i, domain) for i, domain in enumerate(prepared.domains)))
         metrics.SUBMITTED_JOBS.inc()
-        metrics.SUBMITTED_RECIPIENTS.inc(len(prepared.rows))
+        metrics.SUBMITTED_RECIPIENTS.inc(prepared.count)
         for rejection in prepared.rejected:
             metrics.REJECTED_RECIPIENTS.labels(str(rejection["code"])).inc()
         return answer
