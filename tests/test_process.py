@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import smtplib
 import socket
 import subprocess
 import sys
@@ -11,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from mta.config import load_config
+
 from .conftest import DaemonProcess, job, mta_cli, write_config
+from .mails import dsn
 from .sinks import Sink
 
 pytestmark = pytest.mark.slow
@@ -55,6 +60,89 @@ def test_kill9_mid_delivery_loses_nothing(tmp_path: Path) -> None:
         dup = sum(n - 1 for n in counts.values() if n > 1)
         assert not lost, f"lost {len(lost)} after kill -9 at {at_kill} delivered"
         assert dup <= 300, f"{dup} duplicates"  # bounded by what was in flight at the kill
+    finally:
+        daemon.stop()
+        sink.stop()
+
+
+def _events(sock: str) -> list[dict[str, object]]:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(sock)
+        s.sendall(b'{"op": "events", "after": 0, "limit": 1000000}\n')
+        answer = json.loads(s.makefile("rb").readline())
+    return answer["events"]  # type: ignore[no-any-return]
+
+
+def _send_dsn(listen: tuple[str, int], verp: str, rcpt: str) -> bool:
+    """A DSN for one delivered message to its VERP address; True when the listener said 250."""
+    try:
+        with smtplib.SMTP(*listen, timeout=5) as client:
+            client.sendmail("", [verp], dsn(verp, rcpt, "5.2.2", "552 5.2.2 Mailbox full"))
+        return True
+    except (OSError, smtplib.SMTPException):
+        return False
+
+
+def test_many_kills_under_mixed_load_lose_nothing(tmp_path: Path) -> None:
+    """Six kill -9 at seeded random moments while jobs are accepted, mail is delivered,
+    deferred and refused, and DSNs come in: after each restart the spool opens; at the end
+    every acknowledged recipient is delivered or bounced, every DSN the listener took is
+    recorded once, and the duplicates are bounded by what was in flight."""
+    rng = random.Random(8)
+    sink = Sink("127.0.0.6", stall=0.0).start()
+    cfg = write_config(tmp_path, static={f"m{i}.test": [sink.addr] for i in range(3)}, retry=["1s", "1s", "2s"])
+    listen = load_config(cfg).listener_listen
+    sock = str(tmp_path / "submit.sock")
+    daemon = DaemonProcess(cfg)
+    acknowledged: list[str] = []
+    dsns: dict[str, str] = {}  # VERP address -> recipient, for DSNs the listener took
+    try:
+        for round_ in range(7):
+            daemon.start()
+            if round_ == 0:
+                out = mta_cli("accounts", "set", "bulk", "--plan", "monthly", "--subscribers", "100000",
+                              "--notify", "o@b.test", "--status", "active", "--config", str(cfg), "--json")
+                assert out.returncode == 0, out.stderr
+            if round_ == 6:
+                break  # the last start: no more kills
+            # 2 % hard: under the account's pause threshold (SPEC §1), which would refuse the next job
+            kinds = ["hard" if i % 50 == 0 else "defer" if i % 10 == 5 else "ok" for i in range(300)]
+            rcpts = [f"{kinds[i]}{round_}x{i}@m{i % 3}.test" for i in range(300)]
+            answers = submit_lines(sock, [job(f"r{round_}", rcpts, account="bulk")])
+            assert answers[0].get("accepted") == 300, answers[0]
+            acknowledged += rcpts
+            for got in rng.sample(sink.messages(), min(5, len(sink.messages()))):
+                if got.mail_from not in dsns and _send_dsn(listen, got.mail_from, got.rcpt):
+                    dsns[got.mail_from] = got.rcpt
+            time.sleep(rng.uniform(0.05, 0.8))
+            daemon.kill9()
+        good = [r for r in acknowledged if not r.startswith("hard")]
+        end = time.monotonic() + 90
+        while not all(sink.delivered()[r] for r in good) and time.monotonic() < end:
+            time.sleep(0.2)
+        hard = {r for r in acknowledged if r.startswith("hard")}
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            events = _events(sock)
+            bounced = [e for e in events if e["type"] == "bounced"]
+            if hard <= {e["recipient"] for e in bounced if not e.get("async")} and \
+                    len([e for e in bounced if e.get("async")]) >= len(dsns):
+                break
+            time.sleep(0.3)
+        counts = sink.delivered()
+        lost = [r for r in good if not counts[r]]
+        assert not lost, f"lost {len(lost)} of {len(good)} after {daemon.starts - 1} kills"
+        assert not any(counts[r] for r in hard)
+        sync = {e["recipient"] for e in bounced if not e.get("async")}
+        assert hard <= sync, f"{len(hard - sync)} hard-refused recipients without a bounced event"
+        async_bounces = sorted(str(e["recipient"]) for e in bounced if e.get("async"))
+        assert async_bounces == sorted(dsns.values())  # each DSN taken is recorded, once
+        dup = sum(n - 1 for n in counts.values() if n > 1)
+        assert dup <= 6 * 300, f"{dup} duplicates"  # at most what was in flight at each kill
+        assert len(dsns) >= 5 and daemon.starts == 7
+        print(f"kills 6, acknowledged {len(acknowledged)}, lost 0, duplicates {dup}, "
+              f"DSNs taken {len(dsns)}, hard bounces {len(hard)}")
     finally:
         daemon.stop()
         sink.stop()
