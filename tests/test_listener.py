@@ -124,3 +124,26 @@ async def test_bare_lf_dot_does_not_end_data(daemon_factory: Any, sink: Sink) ->
     h = d.app.signer.address_hash
     assert all(e.get("recipient_hash") == h("fay@d.test") for e in await d.events("bounced"))
     assert not d.app.returns.is_suppressed("acme", h("gus@d.test")), "the smuggled second message was processed"
+
+
+async def test_a_connection_flood_is_capped_per_client_and_mail_flows_after(daemon_factory: Any, sink: Sink) -> None:
+    """40 idle connections from one address: 20 sessions are served, the rest are told 421 at
+    connect; once the flood is gone, a DSN is taken and recorded."""
+    from mta.listener import MAX_SESSIONS_PER_CLIENT
+
+    d = await daemon_factory(static={"d.test": [sink.addr]})
+    got = await delivered(d, sink, ["cat@d.test"])
+    assert d.app is not None
+    host, port = d.app.config.listener_listen
+    flood = [await asyncio.open_connection(host, port) for _ in range(40)]
+    greetings = [await asyncio.wait_for(reader.readline(), 10) for reader, _ in flood]
+    assert sum(g.startswith(b"220") for g in greetings) == MAX_SESSIONS_PER_CLIENT
+    assert sum(g.startswith(b"421") for g in greetings) == 40 - MAX_SESSIONS_PER_CLIENT
+    for _, writer in flood:
+        writer.close()
+    await asyncio.sleep(0.3)
+    verp = got["cat@d.test"].mail_from
+    errors, _ = await send(d, "", [verp], dsn(verp, "cat@d.test", "5.2.2", "552 5.2.2 Mailbox full"))
+    assert errors == {}
+    [event] = await poll_events(d, "bounced", 1)
+    assert (event["recipient"], event["reason"], event["async"]) == ("cat@d.test", "mailboxfull", True)

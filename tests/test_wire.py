@@ -214,6 +214,10 @@ async def test_wire_parses_multiline_and_split_replies() -> None:
 def test_dot_stuff() -> None:
     assert dot_stuff(b".a\r\nb\r\n.\r\n") == b"..a\r\nb\r\n..\r\n.\r\n"
     assert dot_stuff(b"no end") == b"no end\r\n.\r\n"
+    # smuggling shapes: a dot after a bare LF is stuffed too, so no receiver sees it end the data
+    for payload in (b"a\n.\nMAIL FROM:<x@y>\r\n", b"a\r\n.\nb\r\n", b"a\n.\r\nb\r\n"):
+        stuffed = dot_stuff(payload)[:-3]
+        assert b"\n.\n" not in stuffed and b"\n.\r" not in stuffed and stuffed.count(b"\n..") == 1
 
 
 async def test_key_worker_signs_and_a_lost_worker_never_leaves_mail_unsigned() -> None:
