@@ -156,3 +156,18 @@ def test_a_large_job_names_a_bad_recipient_by_its_place_in_the_line(monkeypatch:
     with pytest.raises(Refused) as exc:
         jobs.job_digest(jobs._decode_large(line))
     assert exc.value.code == "malformed_request" and "$.recipients[6].email" in exc.value.message
+
+
+def test_memory_is_given_back_at_most_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mta import memory
+
+    calls: list[int] = []
+    monkeypatch.setattr(memory, "_trim", calls.append)
+    monkeypatch.setattr(memory, "_last", 0.0)
+    now = [100.0]
+    assert memory.trim_soon(lambda: now[0]) and calls == [0]
+    now[0] += 0.5
+    assert not memory.trim_soon(lambda: now[0]) and calls == [0]
+    now[0] += 0.6
+    assert memory.trim_soon(lambda: now[0]) and calls == [0, 0]
+    assert memory._load_trim() is not None  # glibc here: the real one is found

@@ -20,6 +20,7 @@ from ..config import Config
 from ..events import event_row
 from ..events import read as read_events
 from ..jsonlines import Invalid, Peer, error
+from ..memory import trim_soon
 from ..policy.accounts import SYSTEM_ACCOUNT, AccountBook
 from ..policy.notices import Notice
 from ..policy.quota import allowance, consume
@@ -31,6 +32,7 @@ from .job import AnyJob, JobIn, LargeJobIn, Refused, job_digest, prepare, split_
 
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
+TRIM_AFTER = 1000  # recipients in a job worth giving memory back for
 
 
 class HeldKey(Protocol):
@@ -209,6 +211,8 @@ class SubmitService:
             self.scheduler.add(info, ((first + i, domain) for i, domain in enumerate(prepared.domains)))
         metrics.SUBMITTED_JOBS.inc()
         metrics.SUBMITTED_RECIPIENTS.inc(prepared.count)
+        if prepared.count + len(prepared.rejected) >= TRIM_AFTER:
+            trim_soon()  # a big job's decoding is garbage now: give its pages back
         for rejection in prepared.rejected:
             metrics.REJECTED_RECIPIENTS.labels(str(rejection["code"])).inc()
         return answer
