@@ -45,16 +45,12 @@ Handler = Callable[[Any, Peer], Awaitable[dict[str, Any]]]
 
 @dataclass(frozen=True, slots=True)
 class Invalid:
-    """A typed op's request that is JSON but not of its type: what is wrong, and its job_id
-    when it has a string one. No generic decoding of the line is tried: for a 60 MB line
-    that would cost more than a gigabyte of dicts only to say the same."""
+    """A typed op's request that is JSON but not of its type: what is wrong, and the line.
+    No generic decoding of the line is tried: for a 60 MB line that would cost more than a
+    gigabyte of dicts only to say the same."""
 
     message: str
-    job_id: str | None
-
-
-class _JobId(msgspec.Struct):
-    job_id: Any = None
+    line: bytes
 
 
 class _Op(msgspec.Struct):
@@ -64,7 +60,6 @@ class _Op(msgspec.Struct):
 
 
 _decode_op = msgspec.json.Decoder(_Op).decode
-_decode_job_id = msgspec.json.Decoder(_JobId).decode
 
 
 def error(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -221,8 +216,7 @@ class JsonLineServer:
             try:
                 request = decode(line)
             except msgspec.ValidationError as exc:
-                job_id = _decode_job_id(line).job_id
-                request = Invalid(str(exc), job_id if isinstance(job_id, str) else None)
+                request = Invalid(str(exc), line)
         if request is None:
             try:
                 request = _decode(line)

@@ -174,11 +174,11 @@ def _classify(rep: dsn.Report, context: str, rules: RuleSet) -> Result:
         # a temporary network failure that the reporting MTA gave up on (or still retries
         # after hours): what failed is the time
         reason = "expired"
-    temporary = (rep.status or "").startswith("4")
-    if temporary and rep.action == "failed" and not rep.diagnostic.strip():
+    status_temporary = (rep.status or "").startswith("4")
+    if status_temporary and rep.action == "failed" and not rep.diagnostic.strip():
         # a temporary status the reporting MTA gave up on, with nothing more said: it expired
         reason = "expired"
-    if reason == "hostunknown" and temporary:
+    if reason == "hostunknown" and status_temporary:
         # a DNS failure the reporting MTA calls temporary says nothing final about the domain
         reason = "networkerror"
     if reason is None:
@@ -187,7 +187,7 @@ def _classify(rep: dsn.Report, context: str, rules: RuleSet) -> Result:
     # what the server said (its reply or the code in it), or a temporary Status the
     # reporting MTA gave up on; not a delay warning's Status (the MTA is still trying)
     temporary = (str(replycode or "").startswith("4") or (dsn.status_in(rep.diagnostic) or "").startswith("4")
-                 or (rep.action == "failed" and (rep.status or "").startswith("4")))
+                 or (rep.action == "failed" and status_temporary))
     return Result(rep.recipient, rules.kind(reason, temporary), reason,
                   rep.status or dsn.status_in(rep.diagnostic), replycode)
 
@@ -229,15 +229,15 @@ def _bounce(msg: Message, body: str, rules: RuleSet) -> list[Result]:
         out = []
         for rep in reps:
             trep = prose.get(rep.recipient)
-            if trep is not None:
+            if trep is not None:  # (a DSN field block never names the command itself)
                 if not rep.diagnostic and (trep.replycode or trep.status):
                     rep.diagnostic = trep.diagnostic
                 # a transcript's own command outranks one the diagnostic's words imply
-                explicit = textual.explicit_command_in(trep.diagnostic) if trep.command else None
+                explicit = textual.explicit_command_in(trep.diagnostic)
                 if explicit and not textual.explicit_command_in(rep.diagnostic):
-                    rep.command = rep.command or explicit
+                    rep.command = explicit
                 elif not textual.command_in(rep.diagnostic):
-                    rep.command = rep.command or trep.command
+                    rep.command = trep.command
             out.append(_classify(rep, context, rules))
         return out
     failed = _addr_list(mime.header(msg, "X-Failed-Recipients"))

@@ -9,6 +9,7 @@ are read from the text with the same field grammar.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import Message
 
@@ -43,19 +44,23 @@ def address(value: str) -> str | None:
     return value.lower()
 
 
-def status_in(text: str) -> str | None:
-    """The first plausible enhanced status code in a text."""
+def _statuses(text: str) -> Iterator[str]:
+    """The plausible enhanced status codes in a text, in order (subject 0..7)."""
     for m in _STATUS.finditer(text):
         klass, subject = m.group(1), int(m.group(2))
         if subject <= 7:
-            return f"{klass}.{subject}.{int(m.group(3))}"
-    return None
+            yield f"{klass}.{subject}.{int(m.group(3))}"
+
+
+def status_in(text: str) -> str | None:
+    """The first plausible enhanced status code in a text."""
+    return next(_statuses(text), None)
 
 
 def last_status_in(text: str) -> str | None:
     """The last plausible enhanced status code in a text."""
-    found = [m for m in _STATUS.finditer(text) if int(m.group(2)) <= 7]
-    return f"{found[-1].group(1)}.{int(found[-1].group(2))}.{int(found[-1].group(3))}" if found else None
+    found = list(_statuses(text))
+    return found[-1] if found else None
 
 
 def reply_in(text: str) -> int | None:

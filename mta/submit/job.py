@@ -105,10 +105,10 @@ class Prepared:
     job: AnyJob
     content: Content
     digest: bytes
+    address_hash: Callable[[str], str]
     domains: list[str] = field(default_factory=list)   # of the accepted rows, in order
     rejected: list[dict[str, object]] = field(default_factory=list)
     kept: list[tuple[int, str, str, bytes, str]] | None = None
-    address_hash: Callable[[str], str] | None = None
 
     @property
     def count(self) -> int:
@@ -118,26 +118,25 @@ class Prepared:
         if self.kept is not None:
             yield from self.kept
             return
-        assert self.address_hash is not None
         refused = {r["index"] for r in self.rejected}
         cache: dict[str, str | None] = {}
         for start, part in chunks(self.job):
             for idx, rcpt in enumerate(part, start):
                 if idx not in refused:
-                    yield _row(idx, rcpt, cache, self.address_hash)
+                    parts = split_address(rcpt.email, cache)
+                    assert parts is not None  # it passed the checks
+                    yield _row(idx, parts, _encode(_values(rcpt)), self.address_hash)
 
 
 def _values(rcpt: RecipientIn) -> dict[str, str]:
     return {k: ("" if v is None else str(v)) for k, v in rcpt.vars.items()}
 
 
-def _row(idx: int, rcpt: RecipientIn, domains: dict[str, str | None],
+def _row(idx: int, parts: tuple[str, str], blob: bytes,
          address_hash: Callable[[str], str]) -> tuple[int, str, str, bytes, str]:
     """The spool row of a recipient that passed the checks."""
-    parts = split_address(rcpt.email, domains)
-    assert parts is not None
     email = f"{parts[0]}@{parts[1]}"
-    return idx, email, parts[1], _encode(_values(rcpt)), address_hash(email.lower())
+    return idx, email, parts[1], blob, address_hash(email.lower())
 
 
 # Headers the daemon writes itself; a job may not set them through `headers`.
@@ -279,7 +278,7 @@ def prepare(job: AnyJob, *, max_recipients: int, max_message_size: int,
     most = sum(occurrences.values())
     if digest is None:
         digest = job_digest(job)
-    prepared = Prepared(job, content, digest, address_hash=address_hash)
+    prepared = Prepared(job, content, digest, address_hash)
     keep = isinstance(job, JobIn)
     kept: list[tuple[int, str, str, bytes, str]] = []
     seen: set[str] = set()
@@ -307,10 +306,8 @@ def prepare(job: AnyJob, *, max_recipients: int, max_message_size: int,
                     3 * len(values[n].encode()) * k for n, k in occurrences.items()) > max_message_size:
                 prepared.rejected.append({"index": idx, "email": rcpt.email, "code": "message_too_large"})
                 continue
-            local, domain = parts
-            email = f"{local}@{domain}"
-            key = email.lower()
-            rhash = address_hash(key)
+            row = _row(idx, parts, blob, address_hash)
+            key, rhash = row[1].lower(), row[4]
             if key in seen:
                 prepared.rejected.append({"index": idx, "email": rcpt.email, "code": "duplicate_recipient"})
                 continue
@@ -318,9 +315,9 @@ def prepare(job: AnyJob, *, max_recipients: int, max_message_size: int,
                 prepared.rejected.append({"index": idx, "email": rcpt.email, "code": "suppressed"})
                 continue
             seen.add(key)
-            prepared.domains.append(domain)
+            prepared.domains.append(row[2])
             if keep:
-                kept.append((idx, email, domain, blob, rhash))
+                kept.append(row)
     if keep:
         prepared.kept = kept
     return prepared

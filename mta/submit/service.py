@@ -35,6 +35,15 @@ _decode = msgspec.json.decode
 TRIM_AFTER = 1000  # recipients in a job worth giving memory back for
 
 
+class _JobId(msgspec.Struct):
+    """Just the job_id of a line that is not a valid job (for the error answer)."""
+
+    job_id: Any = None
+
+
+_decode_job_id = msgspec.json.Decoder(_JobId).decode
+
+
 class HeldKey(Protocol):
     node: str
     digest: str  # hex; empty while the holder is still accepting
@@ -64,17 +73,17 @@ class SubmitService:
         self._notices = itertools.count(1)  # two notices in one millisecond still get their own job_id
         self.job_keys: JobKeys | None = None
 
-    async def handle(self, request: dict[str, Any] | AnyJob, peer: Peer) -> dict[str, Any]:
+    async def handle(self, request: dict[str, Any] | AnyJob | Invalid, peer: Peer) -> dict[str, Any]:
+        # submit lines always arrive typed (App wires decode_job for the op): a job or Invalid
         if isinstance(request, JobIn | LargeJobIn):  # decoded straight into its struct by the socket server
             return self._counted(await self.submit_job(request))
         if isinstance(request, Invalid):  # a submit line that is JSON but not a job
+            job_id = _decode_job_id(request.line).job_id
             return self._counted(error("malformed_request", f"not a valid job: {request.message}",
-                                       job_id=request.job_id))
+                                       job_id=job_id if isinstance(job_id, str) else None))
         op = request["op"]
         if op == "ping":
             return {"ok": True}
-        if op == "submit":
-            return self._counted(await self.submit(request))
         if op == "events":
             return self.events(request)
         if op == "event":
@@ -117,14 +126,6 @@ class SubmitService:
         except SpoolUnavailable as exc:
             return error("unavailable", str(exc))
         return {"ok": True}
-
-    async def submit(self, request: dict[str, Any]) -> dict[str, Any]:
-        job_id = request.get("job_id") if isinstance(request.get("job_id"), str) else None
-        try:
-            job = msgspec.convert(request, JobIn)
-        except msgspec.ValidationError as exc:
-            return error("malformed_request", f"not a valid job: {exc}", job_id=job_id)
-        return await self.submit_job(job)
 
     async def submit_job(self, job: AnyJob) -> dict[str, Any]:
         account = self.accounts.get(job.account)
