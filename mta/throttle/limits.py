@@ -112,7 +112,13 @@ class LocalLimits:
         return 0.0
 
     def adopt(self, old: LocalLimits) -> None:
-        """A reload replaced the rule: what an implementation must carry over beyond counts."""
+        """A reload replaced the rule: carry over the live connection count, the queues
+        waiting for a slot and the backoff (subclasses add their own state)."""
+        self._connections = old._connections
+        self._waiting = old._waiting
+        self.backoff = old.backoff
+        if old.backoff.fraction < 1.0:
+            self._apply_fraction()
 
     async def reserve(self, now: float) -> float:
         return 0.0  # everything was decided by acquire(); only shared limits ask further
@@ -186,11 +192,6 @@ class Throttles:
             fresh = self.make(sending_domain, rule, self.backoff, self.warmups.get(sending_domain))
             if limits is not None:  # a reload changed the rule: keep the live counts and backoff
                 fresh.adopt(limits)
-                fresh._connections = limits._connections
-                fresh._waiting = limits._waiting
-                fresh.backoff = limits.backoff
-                if limits.backoff.fraction < 1.0:
-                    fresh._apply_fraction()
             self._limits[key] = limits = fresh
         return limits
 

@@ -56,6 +56,7 @@ class SharedLimits(LocalLimits):
         self._degraded_gcra: Gcra | None = None
 
     def adopt(self, old: LocalLimits) -> None:
+        super().adopt(old)
         if isinstance(old, SharedLimits):
             self.leases = old.leases
             self._lease_ids = old._lease_ids
