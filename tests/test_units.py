@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 import pytest
 
 from mta.config import ShapingRule
@@ -26,6 +29,20 @@ def test_token_round_trip_and_forgery() -> None:
     assert TokenSigner(b"x" * 32).verify(token) is None
     assert signer.verify("") is None and signer.verify("!!!") is None
     assert len("b-" + signer.make(UNSUBSCRIBE, 2**40, 2**50)) < 64  # RFC 5321 local-part limit
+
+
+@pytest.mark.parametrize("key", [KEY, b"s" * 16, b"L" * 64, bytes(range(100))])
+def test_address_hash_and_token_mac_are_hmac_sha256(key: bytes) -> None:
+    # the hashes stored in spools and suppression lists must not change with the
+    # implementation (the MAC is built from two pre-keyed SHA-256 states, RFC 2104)
+    signer = TokenSigner(key)
+    for address in ("User@Example.COM ", "ü@bücher.de", ""):
+        expected = hmac.new(key, b"addr:" + address.strip().lower().encode(), hashlib.sha256).hexdigest()[:32]
+        assert signer.address_hash(address) == expected
+    token = signer.make(BOUNCE, 7, 9)
+    assert TokenSigner(key).verify(token) is not None
+    payload = bytes((BOUNCE, 0, 7, 9))
+    assert signer._mac(payload) == hmac.new(key, payload, hashlib.sha256).digest()[:10]
 
 
 def test_gcra_holds_the_rate_with_an_injected_clock() -> None:
@@ -141,6 +158,36 @@ def test_a_large_job_walked_in_chunks_is_the_same_job(monkeypatch: pytest.Monkey
     assert [r["index"] for r in both[0].rejected] == [2, 5, 9]
     assert both[1].domains == both[0].domains == [row[2] for row in both[0].rows()]
     assert both[1].kept is None  # nothing per recipient is kept for the large form
+
+
+def test_numbers_booleans_and_nulls_among_variables_become_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lines are decoded with text variables first; one with other JSON values takes the
+    loose form. Either way (and in either size of job) the rows carry text, and the digest
+    is that of the line's own values."""
+    import msgspec
+
+    from mta.submit import job as jobs
+
+    monkeypatch.setattr(jobs, "CHUNK", 2)
+    rcpts: list[dict[str, object]] = [{"email": f"u{i}@x.test", "vars": {"name": f"n{i}"}} for i in range(5)]
+    rcpts[3]["vars"] = {"name": 7, "vip": True, "note": None, "score": 1.5}
+    line = msgspec.json.encode({"job_id": "j", "account": "a", "sending_domain": "mlgnserv.com",
+                                "from": "a@a.example", "subject": "Hi {{name}}", "text": "t", "recipients": rcpts})
+    small, large = jobs._decode_job(line), jobs._decode_large(line)
+    assert isinstance(small, jobs.LooseJobIn)
+    assert isinstance(jobs._decode_job(line.replace(b"7", b'"7"').replace(b"true", b'"x"').replace(
+        b"null", b'"y"').replace(b"1.5", b'"z"')), jobs.JobIn)
+    assert jobs.job_digest(small) == jobs.job_digest(large)
+    assert jobs.job_digest(small) != jobs.job_digest(jobs._decode_job(line.replace(b"7", b'"7"')))
+    for form in (small, large):
+        p = prepare(form, max_recipients=10, max_message_size=1 << 20, address_hash=str.upper)
+        rows = list(p.rows())
+        assert len(rows) == 5 and not p.rejected
+        assert msgspec.json.decode(rows[3][3]) == {"name": "7", "vip": "True", "note": "", "score": "1.5"}
+        assert msgspec.json.decode(rows[0][3]) == {"name": "n0"}
+    bad = line.replace(b'"u4@x.test"', b"4")
+    with pytest.raises(msgspec.ValidationError, match=r"recipients\[4\]\.email"):
+        jobs.decode_job(bad)
 
 
 def test_a_large_job_names_a_bad_recipient_by_its_place_in_the_line(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,7 +28,7 @@ from ..queue.scheduler import Scheduler
 from ..queue.spool import Spool, SpoolUnavailable, insert_job
 from ..returns import Returns, Signal
 from ..types import Content, JobInfo
-from .job import AnyJob, JobIn, LargeJobIn, Refused, job_digest, prepare, split_address
+from .job import AnyJob, JobIn, LargeJobIn, LooseJobIn, Refused, job_digest, prepare, split_address
 
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
@@ -75,7 +75,7 @@ class SubmitService:
 
     async def handle(self, request: dict[str, Any] | AnyJob | Invalid, peer: Peer) -> dict[str, Any]:
         # submit lines always arrive typed (App wires decode_job for the op): a job or Invalid
-        if isinstance(request, JobIn | LargeJobIn):  # decoded straight into its struct by the socket server
+        if isinstance(request, JobIn | LooseJobIn | LargeJobIn):  # decoded straight into its struct
             return self._counted(await self.submit_job(request))
         if isinstance(request, Invalid):  # a submit line that is JSON but not a job
             job_id = _decode_job_id(request.line).job_id
