@@ -76,7 +76,8 @@ async def run(domains: int, messages: int, policy: bool = True) -> float:
     ready = ReadyQueues(DictResolver(), RuleBook(config.shaping, builtin=()), Throttles(), InstantDispatcher(),
                         scheduler)
     scheduler.router = ready
-    rows = [(i, f"r{i}@d{i % domains}.test", f"d{i % domains}.test", b'{"name":"x"}', "h") for i in range(messages)]
+    values = msgspec.Raw(b'{"name":"x"}')
+    rows = [(i, f"r{i}@d{i % domains}.test", f"d{i % domains}.test", values, "h") for i in range(messages)]
     event = (time.time(), "accepted", "bench", b"{}")
     _, job_row, first, _, _ = await spool.transact(insert_job, "bench", "j", "c", "mlgnserv.com", b"d",
                                                    msgspec.json.encode(Content(text="x")), b"{}", time.time(),

@@ -120,4 +120,4 @@ class TokenSigner:
 
     def address_hash(self, address: str) -> str:
         """Keyed hash of an address (lower-cased): what logs and complaint events carry."""
-        return self._keyed(address.strip().lower().encode(), self._inner_addr).hex()[:32]
+        return self._keyed(address.strip().lower().encode(), self._inner_addr)[:16].hex()

@@ -14,6 +14,10 @@ import msgspec
 
 # A spool write to run inside someone else's transaction: (fn(conn, *args), args).
 WriteOp = tuple[Callable[..., Any], tuple[Any, ...]]
+# A recipient as a job brings it to the spool: (index in the job, address, A-label domain,
+# variables as JSON, keyed hash of the address). Raw: the JSON goes into the spool's insert
+# as it is, without another copy or conversion per row.
+NewRecipient = tuple[int, str, str, msgspec.Raw, str]
 
 
 class Content(msgspec.Struct, omit_defaults=True):

@@ -117,13 +117,15 @@ class Scheduler:
     def add(self, job: JobInfo, items: Iterable[tuple[int, str]]) -> None:
         """Newly spooled recipients (row id, destination domain) of a job."""
         self.jobs[job.rowid] = job
-        touched: dict[QueueKey, ScheduledQueue] = {}
+        by_domain: dict[str, list[int]] = {}  # a job's 10,000 recipients share a few domains
         for rowid, domain in items:
-            key = (job.account, job.campaign, job.sending_domain, domain)
-            sq = touched.get(key) or self._queue(key)
-            touched[key] = sq
-            sq.ids.push(rowid)
-        for sq in touched.values():
+            ids = by_domain.get(domain)
+            if ids is None:
+                ids = by_domain[domain] = []
+            ids.append(rowid)
+        for domain, rowids in by_domain.items():
+            sq = self._queue((job.account, job.campaign, job.sending_domain, domain))
+            sq.ids.extend(rowids)
             self.activate(sq)
 
     def recover(self) -> int:

@@ -17,7 +17,7 @@ from functools import partial
 import msgspec
 
 from ..template import Text, has_header_breaker, split_raw
-from ..types import Content
+from ..types import Content, NewRecipient
 
 VarValue = str | int | float | bool | None
 
@@ -155,13 +155,13 @@ class Prepared:
     address_hash: Callable[[str], str]
     domains: list[str] = field(default_factory=list)   # of the accepted rows, in order
     rejected: list[dict[str, object]] = field(default_factory=list)
-    kept: list[tuple[int, str, str, bytes, str]] | None = None
+    kept: list[NewRecipient] | None = None
 
     @property
     def count(self) -> int:
         return len(self.domains)
 
-    def rows(self) -> Iterator[tuple[int, str, str, bytes, str]]:
+    def rows(self) -> Iterator[NewRecipient]:
         if self.kept is not None:
             yield from self.kept
             return
@@ -176,10 +176,10 @@ class Prepared:
 
 
 def _row(idx: int, parts: tuple[str, str], blob: bytes,
-         address_hash: Callable[[str], str]) -> tuple[int, str, str, bytes, str]:
+         address_hash: Callable[[str], str]) -> NewRecipient:
     """The spool row of a recipient that passed the checks."""
     email = f"{parts[0]}@{parts[1]}"
-    return idx, email, parts[1], blob, address_hash(email.lower())
+    return idx, email, parts[1], msgspec.Raw(blob), address_hash(email.lower())
 
 
 # Headers the daemon writes itself; a job may not set them through `headers`.
@@ -336,7 +336,7 @@ def prepare(job: AnyJob, *, max_recipients: int, max_message_size: int,
         digest = job_digest(job)
     prepared = Prepared(job, content, digest, address_hash)
     keep = not isinstance(job, LargeJobIn)
-    kept: list[tuple[int, str, str, bytes, str]] = []
+    kept: list[NewRecipient] = []
     seen: set[str] = set()
     domains: dict[str, str | None] = {}
     in_headers = tuple(header_names)
@@ -366,14 +366,14 @@ def prepare(job: AnyJob, *, max_recipients: int, max_message_size: int,
                 reject({"index": idx, "email": rcpt.email, "code": "message_too_large"})
                 continue
             row = _row(idx, parts, blob, address_hash)
-            key = row[1].lower()
-            if key in seen:
+            rhash = row[4]  # of the lower-cased address: equal hashes are the same recipient
+            if rhash in seen:
                 reject({"index": idx, "email": rcpt.email, "code": "duplicate_recipient"})
                 continue
-            if suppressed is not None and suppressed(job.account, row[4]):
+            if suppressed is not None and suppressed(job.account, rhash):
                 reject({"index": idx, "email": rcpt.email, "code": "suppressed"})
                 continue
-            seen.add(key)
+            seen.add(rhash)
             prepared.domains.append(parts[1])
             if keep:
                 kept.append(row)

@@ -178,7 +178,7 @@ class SubmitService:
         try:
             prepared = prepare(job, max_recipients=self.config.max_recipients_per_job,
                                max_message_size=self.config.max_message_size, address_hash=self.address_hash,
-                               digest=digest, suppressed=self.returns.is_suppressed)
+                               digest=digest, suppressed=self.returns.suppression.is_suppressed)
         except Refused as exc:
             return error(exc.code, exc.message, job_id=job.job_id)
         fits = allowance(account, now)
@@ -209,7 +209,7 @@ class SubmitService:
             return self._replay(job.job_id, digest, old_digest, old_answer)
         if not review:
             info = JobInfo(job_row, job.account, job.job_id, campaign, sending_domain, now)
-            self.scheduler.add(info, ((first + i, domain) for i, domain in enumerate(prepared.domains)))
+            self.scheduler.add(info, enumerate(prepared.domains, first))  # (row id, domain)
         metrics.SUBMITTED_JOBS.inc()
         metrics.SUBMITTED_RECIPIENTS.inc(prepared.count)
         if prepared.count + len(prepared.rejected) >= TRIM_AFTER:
@@ -233,7 +233,7 @@ class SubmitService:
                                    "X-Mta-Account": account_id}, transactional=True)
         job_id = f"notice-{account_id}-{notice.kind}-{int(now * 1000)}-{next(self._notices)}"
         email = f"{parts[0]}@{parts[1]}"
-        rows = [(0, email, parts[1], b"{}", self.address_hash(email.lower()))]
+        rows = [(0, email, parts[1], msgspec.Raw(b"{}"), self.address_hash(email.lower()))]
         event = event_row("accepted", SYSTEM_ACCOUNT, {"campaign": "notices", "job_id": job_id, "recipients": 1,
                                                        "rejected": 0, "notice_for": account_id}, now)
         blob = _encode(content)
