@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import secrets
 import shutil
@@ -406,6 +407,7 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     await app.start()
+    gc.freeze()  # what start-up built lives as long as the daemon: later collections skip it
     loop.add_signal_handler(signal.SIGTERM, done.set)
     loop.add_signal_handler(signal.SIGINT, done.set)
     loop.add_signal_handler(signal.SIGHUP, app.reload)
@@ -416,11 +418,18 @@ async def serve(config: Config) -> int:
     return 0
 
 
+GC_THRESHOLD = 50_000  # allocations between young collections (CPython's default: 700)
+
+
 def run(config_path: str) -> int:
     """`mta run --config PATH`: the daemon in the foreground on uvloop."""
     import uvloop
 
     setup_logs()
+    # A 10,000-recipient job allocates some 50,000 objects; at the default threshold of 700
+    # that set off dozens of young collections per job, each walking what the job had
+    # built so far. Almost none of it is cyclic garbage (structs, strings, tuples).
+    gc.set_threshold(GC_THRESHOLD, 20, 20)
     try:
         config = load_config(config_path)
     except ConfigError as exc:
