@@ -1,6 +1,6 @@
 """Durable acceptance (recipients/s) and latency (acknowledgement -> 250) of the daemon.
 
-    .venv/bin/python -m bench.core [--jobs 10] [--recipients 10000] [--latency-seconds 10]
+    .venv/bin/python -m bench.core [--jobs 30] [--recipients 10000] [--latency-seconds 10]
 
 Everything runs on loopback (bench/harness.py).
 
@@ -86,7 +86,7 @@ def latency(daemon: Daemon, sink: TimingSink, seconds: float, rate: float = 200.
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--jobs", type=int, default=10)
+    ap.add_argument("--jobs", type=int, default=30)
     ap.add_argument("--recipients", type=int, default=10000)
     ap.add_argument("--latency-seconds", type=float, default=10.0)
     args = ap.parse_args()

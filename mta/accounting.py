@@ -5,16 +5,24 @@ so no signal or copy is needed; old days can be shipped and removed by any log t
 Lines carry the account, campaign, job, sending domain, result and the recipient's
 domain and keyed hash: never the address (SPEC §12). Written from the results batch,
 off the per-message path, and flushed with each batch.
+
+The lines are encoded on the event loop and written by a thread of their own, in order:
+a file write blocks, and taking the GIL back after it can cost the loop a whole switch
+interval while the spool thread holds it (~6 % of the loop's time at full delivery speed).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
 import msgspec
+
+log = logging.getLogger("mta.accounting")
 
 
 class AccountingLog:
@@ -25,6 +33,7 @@ class AccountingLog:
         self._day = ""
         self._file: IO[bytes] | None = None
         self._encode = msgspec.json.Encoder()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="accounting")  # one: lines in order
 
     def _open(self, when: float) -> IO[bytes]:
         day = datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%d")
@@ -38,11 +47,19 @@ class AccountingLog:
     def write(self, records: list[dict[str, object]]) -> None:
         if not records:
             return
-        f = self._open(float(records[-1]["time"]))  # type: ignore[arg-type]
-        f.write(b"".join(self._encode.encode(r) + b"\n" for r in records))
-        f.flush()
+        blob = b"".join(self._encode.encode(r) + b"\n" for r in records)
+        self._writer.submit(self._append, float(records[-1]["time"]), blob)  # type: ignore[arg-type]
+
+    def _append(self, when: float, blob: bytes) -> None:
+        try:
+            f = self._open(when)
+            f.write(blob)
+            f.flush()
+        except OSError as exc:  # a full disk must not stop deliveries; the spool has the outcomes
+            log.error("accounting log write failed: %s", exc)
 
     def close(self) -> None:
+        self._writer.shutdown(wait=True)
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -37,8 +37,12 @@ async def test_delivers_each_recipient_once_with_retries_and_bounces(daemon_fact
     d.app.results.flush()
     from pathlib import Path
 
-    lines = [json.loads(x) for f in Path(d.app.config.state_dir, "accounting").glob("acct-*.jsonl")
-             for x in f.read_text().splitlines()]
+    def accounted() -> list[dict[str, Any]]:
+        return [json.loads(x) for f in Path(d.app.config.state_dir, "accounting").glob("acct-*.jsonl")
+                for x in f.read_text().splitlines()]
+
+    await wait_for(lambda: len(accounted()) == len(expected) + 1, 10)  # written by the log's own thread
+    lines = accounted()
     assert sorted(x["result"] for x in lines) == ["bounced"] + ["delivered"] * len(expected)
     assert all("@" not in json.dumps(x) and x["account"] == "acme" for x in lines)
 
