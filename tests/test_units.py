@@ -218,3 +218,39 @@ def test_memory_is_given_back_at_most_once_a_second(monkeypatch: pytest.MonkeyPa
     now[0] += 0.6
     assert memory.trim_soon(lambda: now[0]) and calls == [0, 0]
     assert memory._load_trim() is not None  # glibc here: the real one is found
+
+
+def test_spool_rows_go_in_whole_and_in_order_across_insert_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """insert_job passes rows to SQLite as JSON arrays, a chunk per statement: every row
+    lands once, in job order, with consecutive row ids from the one it reports first, and
+    text and variables come back as they went in. The per-batch outcome writes too."""
+    import sqlite3
+
+    import msgspec
+
+    from mta.queue import spool
+
+    monkeypatch.setattr(spool, "INSERT_CHUNK", 3)
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.executescript(spool.SCHEMA)
+    conn.execute("INSERT INTO recipients (job, idx, domain, rhash) VALUES (0, 0, 'x', 'h')")  # ids start at 2
+    values = [msgspec.json.encode({"name": f"n{i}", "note": 'quote " back\\slash \u00e9 \u2028 \x01'})
+              for i in range(8)]
+    rows = [(i * 2, f"\u00fc{i}@d{i % 3}.test", f"d{i % 3}.test", msgspec.Raw(values[i]), f"{i:032x}")
+            for i in range(8)]
+    status, job_row, first, _, _ = spool.insert_job(conn, "a", "j", "c", "mlgnserv.com", b"d", b"t", b"{}", 1.0,
+                                                    iter(rows), (1.0, "accepted", "a", b'{"n":1}'))
+    assert status == "new" and first == 2
+    got = conn.execute("SELECT id, job, idx, email, domain, vars, rhash FROM recipients WHERE id >= 2 "
+                       "ORDER BY id").fetchall()
+    assert [g[0] for g in got] == list(range(2, 10))
+    assert [(g[2], g[3], g[4], g[6]) for g in got] == [(r[0], r[1], r[2], r[4]) for r in rows]
+    assert all(g[1] == job_row and isinstance(g[5], bytes) for g in got)
+    assert [msgspec.json.decode(g[5]) for g in got] == [msgspec.json.decode(v) for v in values]
+    spool.set_final(conn, [(2, 3), (3, 5)])
+    spool.append_events(conn, [(2.5, "delivered", None, b'{"recipient":"\\u00fc1@d1.test","code":"250 ok"}')])
+    states = dict(conn.execute("SELECT id, state FROM recipients WHERE email IS NULL AND id >= 2").fetchall())
+    assert states == {3: 2, 5: 3}
+    event = conn.execute("SELECT time, type, account, body FROM events ORDER BY cursor DESC LIMIT 1").fetchone()
+    assert event[:3] == (2.5, "delivered", None) and isinstance(event[3], bytes)
+    assert msgspec.json.decode(event[3]) == {"recipient": "\u00fc1@d1.test", "code": "250 ok"}
