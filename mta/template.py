@@ -10,8 +10,6 @@ import re
 from collections.abc import Mapping
 
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.\-]*)\s*\}\}")
-# Characters that would end or split a header line (SPEC §5: header_injection).
-HEADER_BREAKERS = re.compile(r"[\r\n\x00]")
 
 
 class Text:
@@ -60,7 +58,10 @@ class Text:
 
 
 def has_header_breaker(value: str) -> bool:
-    return HEADER_BREAKERS.search(value) is not None
+    """Whether the value holds a character that would end or split a header line (CR, LF,
+    NUL: SPEC §5 header_injection). Three C-level scans: cheaper than a regex search, and
+    a job checks every header variable of every recipient."""
+    return "\r" in value or "\n" in value or "\x00" in value
 
 
 def split_raw(raw: str) -> tuple[str, str]:

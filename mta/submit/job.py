@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TypeVar
 
 import msgspec
 
@@ -20,6 +21,8 @@ from ..template import Text, has_header_breaker, split_raw
 from ..types import Content, NewRecipient
 
 VarValue = str | int | float | bool | None
+A = TypeVar("A")
+B = TypeVar("B")
 
 
 class RecipientIn(msgspec.Struct, forbid_unknown_fields=False):
@@ -77,27 +80,23 @@ class Refused(Exception):
 AnyJob = JobIn | LooseJobIn | LargeJobIn
 CHUNK = 10_000  # recipients decoded at once from a LargeJobIn
 LARGE_LINE = 8 << 20  # request lines longer than this are decoded as a LargeJobIn
-_decode_text_job = msgspec.json.Decoder(JobIn).decode
-_decode_loose_job = msgspec.json.Decoder(LooseJobIn).decode
 _decode_large = msgspec.json.Decoder(LargeJobIn).decode
-_decode_text_chunk = msgspec.json.Decoder(list[RecipientIn]).decode
-_decode_loose_chunk = msgspec.json.Decoder(list[LooseRecipientIn]).decode
 
 
-def _decode_job(line: bytes) -> JobIn | LooseJobIn:
-    """Text variables first; a line that is not of that shape is decoded again loosely, and
-    the loose decoder's error (if any) is the one reported."""
-    try:
-        return _decode_text_job(line)
-    except msgspec.ValidationError:
-        return _decode_loose_job(line)
+def _text_first(text: Callable[[bytes], A], loose: Callable[[bytes], B]) -> Callable[[bytes], A | B]:
+    """A decoder trying text variables first; data not of that shape is decoded again loosely,
+    and the loose decoder's error (if any) is the one reported."""
+    def decode(data: bytes) -> A | B:
+        try:
+            return text(data)
+        except msgspec.ValidationError:
+            return loose(data)
+    return decode
 
 
-def _decode_chunk(data: bytes) -> list[RecipientIn] | list[LooseRecipientIn]:
-    try:
-        return _decode_text_chunk(data)
-    except msgspec.ValidationError:
-        return _decode_loose_chunk(data)
+_decode_job = _text_first(msgspec.json.Decoder(JobIn).decode, msgspec.json.Decoder(LooseJobIn).decode)
+_decode_chunk = _text_first(msgspec.json.Decoder(list[RecipientIn]).decode,
+                            msgspec.json.Decoder(list[LooseRecipientIn]).decode)
 _CHUNK_PATH = re.compile(r"\$\[(\d+)\]")
 
 
@@ -285,15 +284,6 @@ def _check_fields(job: AnyJob) -> None:
         raise Refused("malformed_request", "list_unsubscribe_url must be an https:// URL (RFC 8058)")
 
 
-def _breaks_header(values: dict[str, str], names: tuple[str, ...]) -> bool:
-    """Whether a value used in a header would end or split its line (same as has_header_breaker)."""
-    for name in names:
-        value = values[name]
-        if "\n" in value or "\r" in value or "\x00" in value:
-            return True
-    return False
-
-
 def _qp_size(text: str) -> int:
     """Upper bound of the quoted-printable size of a UTF-8 text (3 bytes per escaped byte)."""
     raw = text.encode("utf-8", "surrogatepass")
@@ -354,7 +344,7 @@ def prepare(job: AnyJob, *, max_recipients: int, max_message_size: int,
                 reject({"index": idx, "email": rcpt.email, "code": "missing_variable",
                         "message": "missing " + ", ".join(sorted(all_names.difference(values)))})
                 continue
-            if in_headers and _breaks_header(values, in_headers):
+            if any(has_header_breaker(values[n]) for n in in_headers):
                 reject({"index": idx, "email": rcpt.email, "code": "header_injection",
                         "message": "a variable used in a header contains CR, LF or NUL"})
                 continue
